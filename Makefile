@@ -1,0 +1,44 @@
+# Every target sets up what it needs: a fresh machine with Python 3.11 runs
+# `make run` or `make test` directly.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PROTO_STAMP := cloudstate/.generated
+PROTOS := $(shell find protos -name '*.proto')
+
+.PHONY: install protos lint unit test run run-cart bench clean
+
+install: $(STAMP) $(PROTO_STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+$(PROTO_STAMP): $(STAMP) $(PROTOS) protos/generate.py
+	$(PY) protos/generate.py
+	touch $(PROTO_STAMP)
+
+protos: $(PROTO_STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+unit: install
+	$(PY) -m pytest -q
+
+test: lint unit
+
+# The shopping-cart user function alone (HOST/PORT from the environment).
+run-cart: install
+	$(PY) -m examples.shoppingcart
+
+run: run-cart
+
+clean:
+	rm -rf $(VENV) cloudstate .pytest_cache .mypy_cache .ruff_cache
+	find . -name '*_pb2*.py*' -not -path './.venv/*' -delete

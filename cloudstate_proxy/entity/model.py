@@ -1,0 +1,51 @@
+"""The command path's own small types, free of protobuf and gRPC."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# gRPC metadata: keys are lower case; keys ending in "-bin" carry bytes.
+Metadata = tuple[tuple[str, str | bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Payload:
+    """A protobuf message in `Any` form: type URL plus serialized bytes."""
+
+    type_url: str
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EntityCommand:
+    """One call of a user service method, addressed to one entity."""
+
+    service: str  # full service name, e.g. com.example.shoppingcart.ShoppingCart
+    method: str  # method name, e.g. AddItem
+    entity_id: str
+    payload: Payload
+    metadata: Metadata = ()
+    # Absolute deadline on the event loop's clock (loop.time()); None for none.
+    deadline: float | None = None
+    # Forwarding hops taken so far (bounded to stop loops during ring churn).
+    hops: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CommandReply:
+    """The successful outcome of a command: the reply message and its metadata."""
+
+    payload: Payload
+    metadata: Metadata = field(default=())
+
+
+class Router(Protocol):
+    """Delivers a command to the entity that owns it and returns its reply.
+
+    Locally that is the entity manager; with a cluster, the ring picks a node.
+    Raises `cloudstate_proxy.errors.ProxyError` subclasses.
+    """
+
+    def route(self, command: EntityCommand) -> Awaitable[CommandReply]: ...
