@@ -49,3 +49,19 @@ class Router(Protocol):
     """
 
     def route(self, command: EntityCommand) -> Awaitable[CommandReply]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class EntitySettings:
+    """Limits of the entity manager and its instances (built from the config)."""
+
+    # Commands waiting per entity beyond the one in flight; more get RESOURCE_EXHAUSTED.
+    queue_size: int = 100
+    # Live instances at most; the least recently used is passivated to make room.
+    max_instances: int = 100_000
+    # Idle timeout (seconds) for services whose discovery named none.
+    default_passivation: float = 30.0
+    # How long recovery (init + replay) may take before the instance is failed.
+    recovery_timeout: float = 30.0
+    # Largest gRPC message (bytes) on the user-function channel.
+    max_message_size: int = 4 * 1024 * 1024
