@@ -215,7 +215,9 @@ def build_registry(
             ) from None
         except Exception as exc:  # unresolvable imports or types
             raise SpecError(f"service {entity.service_name} cannot be resolved: {exc}") from None
-        methods = {m.name: _method_info(entity.service_name, m, key_options) for m in service.methods}
+        methods = {
+            m.name: _method_info(entity.service_name, m, key_options) for m in service.methods
+        }
         services[entity.service_name] = EntityService(
             name=entity.service_name,
             entity_type=entity.entity_type,
@@ -268,14 +270,13 @@ def _key_options(fds: descriptor_pb2.FileDescriptorSet) -> dict[str, frozenset[s
     Read from the raw descriptors, where our generated extensions parse the options.
     """
     result: dict[str, frozenset[str]] = {}
+    # The generated stubs type the extensions loosely; they are FieldOptions extensions.
+    markers: tuple[Any, ...] = (entity_key_pb2.entity_key, legacy_entity_key_pb2.legacy_entity_key)
 
     def visit(prefix: str, message: descriptor_pb2.DescriptorProto) -> None:
         full_name = f"{prefix}.{message.name}" if prefix else message.name
         names = frozenset(
-            f.name
-            for f in message.field
-            if f.options.Extensions[entity_key_pb2.entity_key]
-            or f.options.Extensions[legacy_entity_key_pb2.legacy_entity_key]
+            f.name for f in message.field if any(f.options.Extensions[marker] for marker in markers)
         )
         if names:
             result[full_name] = names

@@ -1,0 +1,211 @@
+"""The proxy as one object: `ProxyApp` wires the components together.
+
+Start-up order: open the event store, connect to the user function, discover
+its services, start the entity manager, and only then bind the client port
+(readiness follows discovery). Shutdown runs the other way round: report
+NOT_SERVING and stop accepting calls, drain the in-flight ones, close the
+entity manager, flush and close the store, close the user-function channel.
+
+`run` serves until SIGINT or SIGTERM and is what ``cloudstate-proxy serve`` calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Iterator
+
+import grpc
+
+from .config import ProxyConfig
+from .discovery import Discovered, discover, user_function_channel
+from .entity.manager import EntityManager
+from .frontdoor import FrontDoor
+from .journal import Store, open_store
+from .journal.common import redact_url
+from .registry import ServiceRegistry
+
+log = logging.getLogger(__name__)
+
+
+class ProxyApp:
+    """One proxy node in front of one user function.
+
+    ``await start()`` returns once the client port serves (or raises, having
+    released whatever it had opened); ``close()`` is idempotent and shuts down
+    gracefully; ``wait_closed()`` returns once shutdown finished. Also an async
+    context manager.
+    """
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+        self._store: Store | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._discovered: Discovered | None = None
+        self._manager: EntityManager | None = None
+        self._frontdoor: FrontDoor | None = None
+        self._started = False
+        self._closing: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        """The bound client port (the real one when the config asked for port 0)."""
+        if self._frontdoor is None:
+            raise RuntimeError("the proxy is not serving")
+        return self._frontdoor.port
+
+    @property
+    def registry(self) -> ServiceRegistry:
+        """The user function's services, known once discovery succeeded."""
+        if self._discovered is None:
+            raise RuntimeError("the user function is not discovered yet")
+        return self._discovered.registry
+
+    async def start(self) -> None:
+        """Start every component in order. Raises `SpecError` or `DiscoveryError`
+        (discovery), `OSError` (the client port) or the store's errors."""
+        if self._started:
+            raise RuntimeError("ProxyApp.start() called twice")
+        self._started = True
+        try:
+            await self._start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def _start(self) -> None:
+        config = self.config
+        self._store = open_store(config.journal_url)
+        await self._store.start()
+        self._channel = user_function_channel(
+            config.user_function, config.discovery, config.server.max_message_size
+        )
+        self._discovered = await discover(
+            self._channel,
+            config.discovery,
+            address=config.user_function.address,
+            default_passivation=config.entities.passivation_timeout,
+        )
+        registry = self._discovered.registry
+        self._manager = EntityManager(
+            registry,
+            self._store,
+            self._store,
+            self._channel,
+            config.entity_settings(),
+            shutdown_grace=config.server.shutdown_timeout,
+        )
+        await self._manager.start()
+        self._frontdoor = FrontDoor(registry, self._manager, config.server)
+        await self._frontdoor.start()
+        log.info(
+            "serving %s on %s (user function at %s, journal %s)",
+            ", ".join(sorted(registry.services)),
+            self._frontdoor.address,
+            config.user_function.address,
+            redact_url(config.journal_url),
+        )
+
+    async def close(self) -> None:
+        """Shut down gracefully (see the module docstring). Idempotent; safe
+        after a failed or partial start."""
+        if self._closing is None:
+            self._closing = asyncio.create_task(self._shutdown(), name="proxy-shutdown")
+        await asyncio.shield(self._closing)
+
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+        if self._closing is not None:
+            await self._closing
+
+    async def __aenter__(self) -> ProxyApp:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _shutdown(self) -> None:
+        # Each step runs even when an earlier one failed: a shutdown must finish.
+        try:
+            if self._frontdoor is not None:
+                await _step("stop the front door", self._frontdoor.close())
+            if self._manager is not None:
+                await _step("close the entity manager", _close_and_wait(self._manager))
+            if self._store is not None:
+                await _step("close the event store", _close_and_wait(self._store))
+            if self._channel is not None:
+                await _step("close the user-function channel", self._channel.close())
+        finally:
+            self._closed.set()
+        log.info("proxy stopped")
+
+
+async def _close_and_wait(component: EntityManager | Store) -> None:
+    await component.close()
+    await component.wait_closed()
+
+
+async def _step(what: str, action: Awaitable[None]) -> None:
+    try:
+        await action
+    except Exception:
+        log.exception("shutdown: failed to %s", what)
+
+
+async def run(config: ProxyConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then shut down gracefully.
+
+    A signal during start-up (e.g. while waiting for the user function) aborts
+    it. Start-up errors propagate.
+    """
+    stop = asyncio.Event()
+    with _stop_on_signals(stop):
+        app = ProxyApp(config)
+        try:
+            if await _unless_stopped(app.start(), stop):
+                await stop.wait()
+        finally:
+            await app.close()
+
+
+async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:
+    """Run ``work`` unless ``stop`` is set first, which cancels it. True when
+    ``work`` completed; its exception, if any, propagates."""
+    work_task = asyncio.ensure_future(work)
+    stop_task = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({work_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (work_task, stop_task):
+            task.cancel()
+        await asyncio.gather(work_task, stop_task, return_exceptions=True)
+    if work_task.cancelled():
+        return False
+    work_task.result()
+    return True
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+
+    def on_signal(received: signal.Signals) -> None:
+        log.info("received %s, shutting down", received.name)
+        stop.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, on_signal, sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue  # not the main thread, or a platform without signal support
+        installed.append(sig)
+    try:
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)

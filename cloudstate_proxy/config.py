@@ -1,0 +1,408 @@
+"""The proxy's configuration: frozen, validated dataclasses built once at start-up.
+
+Every setting is described once, in `SETTINGS`: its command-line flags, its
+environment variable, its default and its check. `load_config` resolves each
+setting (flag, else environment variable, else default) and raises
+`ConfigError` with a message naming the flag (and the variable, when the value
+came from the environment). The dataclasses re-run the same checks, so a
+config built in code is as valid as one built from the command line.
+
+Nothing here holds state: the resulting `ProxyConfig` is passed down to the
+components that need it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .entity.model import EntitySettings
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+LOG_FORMATS = ("text", "json")
+JOURNAL_SCHEMES = ("postgresql", "postgres", "sqlite", "memory")
+_MAX_GRPC_MESSAGE = 2**31 - 1
+
+
+class ConfigError(ValueError):
+    """An invalid setting. The message names its flag (and environment variable)."""
+
+
+# --- value parsers and checks -------------------------------------------------------
+# A parser turns the textual form into a value; a check validates a value. Both
+# raise ValueError with a message that does not name the setting (the caller does).
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def _text(raw: str) -> str:
+    return raw.strip()
+
+
+def _integer(raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError(f"must be an integer, got {raw!r}") from None
+
+
+def _duration(raw: str) -> float:
+    """Seconds, as `30`, `2.5s`, `100ms` or `1m`."""
+    match = _DURATION.match(raw)
+    if match is None:
+        raise ValueError(f"must be a duration such as 30, 2.5s, 100ms or 1m, got {raw!r}")
+    number, unit = float(match.group(1)), match.group(2) or "s"
+    return number * {"ms": 0.001, "s": 1.0, "m": 60.0}[unit]
+
+
+def _size(raw: str) -> int:
+    """Bytes, as `4194304`, `512KiB` or `4MiB` (K, M, G are powers of 1024)."""
+    match = _SIZE.match(raw)
+    if match is None:
+        raise ValueError(f"must be a size such as 4194304, 512KiB or 4MiB, got {raw!r}")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+def _lower(raw: str) -> str:
+    return raw.strip().lower()
+
+
+def _non_empty(value: Any) -> None:
+    if not str(value).strip():
+        raise ValueError("must not be empty")
+
+
+def _port(value: int) -> None:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"must be a port number between 0 and 65535, got {value}")
+
+
+def _user_port(value: int) -> None:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"must be a port number between 1 and 65535, got {value}")
+
+
+def _positive(value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"must be greater than 0, got {value:g}")
+
+
+def _message_size(value: int) -> None:
+    if not 1024 <= value <= _MAX_GRPC_MESSAGE:
+        raise ValueError(f"must be between 1KiB and {_MAX_GRPC_MESSAGE} bytes, got {value}")
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[str], None]:
+    def check(value: str) -> None:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+
+    return check
+
+
+def _journal_url(value: str) -> None:
+    parts = urlsplit(value)
+    if parts.scheme not in JOURNAL_SCHEMES:
+        raise ValueError(
+            f"must be a postgresql://, sqlite:///<path> or memory:// URL, got {value!r}"
+        )
+    if parts.scheme == "sqlite" and not value.split("://", 1)[1].split("?", 1)[0].strip("/ "):
+        raise ValueError(f"a sqlite URL needs a file path (sqlite:///<path>), got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One configurable value: how it is spelled, documented, parsed and checked."""
+
+    flags: tuple[str, ...]
+    env: str | None
+    default: str | None  # None: derived from other settings (see `help_default`)
+    help: str
+    parse: Callable[[str], Any] = _text
+    check: Callable[[Any], None] = _non_empty
+    help_default: str = ""
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return self.flags[0]
+
+    def validate(self, value: Any, source: str = "") -> None:
+        """Run the check, raising `ConfigError` naming the flag (and the source)."""
+        try:
+            self.check(value)
+        except ValueError as exc:
+            raise ConfigError(f"{self.flag}{source}: {exc}") from None
+
+
+SETTINGS: Mapping[str, Setting] = {
+    "user_function_host": Setting(
+        ("--user-function-host",), "USER_FUNCTION_HOST", "127.0.0.1",
+        "host of the user function's gRPC server",
+    ),
+    "user_function_port": Setting(
+        ("--user-function-port",), "USER_FUNCTION_PORT", "8080",
+        "port of the user function's gRPC server", _integer, _user_port,
+    ),
+    "host": Setting(
+        ("--host",), "PROXY_HOST", "0.0.0.0",
+        "address the client port binds to",
+    ),
+    "http_port": Setting(
+        ("--http-port", "--port"), "HTTP_PORT", "9000",
+        "client port serving the user's services over gRPC (0 picks a free port)",
+        _integer, _port,
+    ),
+    "state_dir": Setting(
+        ("--state-dir",), "STATE_DIR", ".state",
+        "directory for local state (the default SQLite journal)", Path,
+    ),
+    "journal_url": Setting(
+        ("--journal-url",), "JOURNAL_URL", None,
+        "event store: postgresql://user:pass@host/db, sqlite:///<path> or memory://",
+        check=_journal_url, help_default="sqlite:///<state dir, made absolute>/journal.db",
+    ),
+    "passivation_timeout": Setting(
+        ("--passivation-timeout",), "PASSIVATION_TIMEOUT", "30s",
+        "idle time before an entity is passivated, for services whose discovery names none",
+        _duration, _positive, metavar="DURATION",
+    ),
+    "entity_queue_size": Setting(
+        ("--entity-queue-size",), "ENTITY_QUEUE_SIZE", "100",
+        "commands waiting per entity before clients get RESOURCE_EXHAUSTED",
+        _integer, _positive, metavar="N",
+    ),
+    "max_entities": Setting(
+        ("--max-entities",), "MAX_ENTITIES", "100000",
+        "live entity instances at most (least recently used ones are passivated)",
+        _integer, _positive, metavar="N",
+    ),
+    "max_message_size": Setting(
+        ("--max-message-size",), "MAX_MESSAGE_SIZE", "4MiB",
+        "largest gRPC message to or from clients and the user function",
+        _size, _message_size, metavar="SIZE",
+    ),
+    "recovery_timeout": Setting(
+        ("--recovery-timeout",), "RECOVERY_TIMEOUT", "30s",
+        "longest time an entity may take to recover (snapshot and event replay)",
+        _duration, _positive, metavar="DURATION",
+    ),
+    "discovery_max_backoff": Setting(
+        ("--discovery-max-backoff",), "DISCOVERY_MAX_BACKOFF", "10s",
+        "longest pause between discovery attempts while the user function is not up",
+        _duration, _positive, metavar="DURATION",
+    ),
+    "shutdown_timeout": Setting(
+        ("--shutdown-timeout",), "SHUTDOWN_TIMEOUT", "10s",
+        "on shutdown, how long in-flight requests may take to finish",
+        _duration, _positive, metavar="DURATION",
+    ),
+    "log_level": Setting(
+        ("--log-level",), "LOG_LEVEL", "info",
+        "log level: " + ", ".join(LOG_LEVELS), _lower, _one_of(LOG_LEVELS),
+    ),
+    "log_format": Setting(
+        ("--log-format",), "LOG_FORMAT", "text",
+        "log format: text or json (one object per line)", _lower, _one_of(LOG_FORMATS),
+    ),
+    "proxy_name": Setting(
+        ("--proxy-name",), "PROXY_NAME", "cloudstate-proxy-py",
+        "proxy name reported to the user function at discovery",
+    ),
+}  # fmt: skip
+
+
+def _validate(owner: object, fields: Mapping[str, str]) -> None:
+    """Check the dataclass fields named in ``fields`` (field -> setting key)."""
+    for attribute, key in fields.items():
+        SETTINGS[key].validate(getattr(owner, attribute))
+
+
+@dataclass(frozen=True, slots=True)
+class UserFunctionConfig:
+    """Where the user function's gRPC server listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+
+    def __post_init__(self) -> None:
+        _validate(self, {"host": "user_function_host", "port": "user_function_port"})
+
+    @property
+    def address(self) -> str:
+        """``host:port`` in gRPC target syntax (IPv6 literals bracketed)."""
+        return _address(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The client-facing gRPC server."""
+
+    host: str = "0.0.0.0"
+    port: int = 9000
+    max_message_size: int = 4 * 1024 * 1024
+    # Grace period for in-flight requests when the server stops.
+    shutdown_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _validate(
+            self,
+            {
+                "host": "host",
+                "port": "http_port",
+                "max_message_size": "max_message_size",
+                "shutdown_timeout": "shutdown_timeout",
+            },
+        )
+
+    @property
+    def address(self) -> str:
+        return _address(self.host, self.port)
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoveryConfig:
+    """How the proxy introduces itself to the user function and retries discovery."""
+
+    proxy_name: str = "cloudstate-proxy-py"
+    # Pause after the first failed attempt, doubled up to `max_backoff` (seconds).
+    initial_backoff: float = 1.0
+    max_backoff: float = 10.0
+    # Deadline of one `discover` or `reportError` call (seconds).
+    call_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        _validate(self, {"proxy_name": "proxy_name", "max_backoff": "discovery_max_backoff"})
+        if not 0 < self.initial_backoff <= self.max_backoff:
+            raise ConfigError(
+                f"--discovery-max-backoff: must be at least the initial backoff "
+                f"({self.initial_backoff:g}s), got {self.max_backoff:g}"
+            )
+        if not self.call_timeout > 0:
+            raise ConfigError(f"discovery call timeout must be > 0, got {self.call_timeout:g}")
+
+
+@dataclass(frozen=True, slots=True)
+class EntityConfig:
+    """Limits of entity instances (see `EntitySettings`)."""
+
+    passivation_timeout: float = 30.0
+    queue_size: int = 100
+    max_instances: int = 100_000
+    recovery_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        _validate(
+            self,
+            {
+                "passivation_timeout": "passivation_timeout",
+                "queue_size": "entity_queue_size",
+                "max_instances": "max_entities",
+                "recovery_timeout": "recovery_timeout",
+            },
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """Everything the proxy needs to run; build it with `load_config` or in code.
+
+    ``journal_url`` left empty means ``sqlite:///<state_dir>/journal.db``.
+    """
+
+    user_function: UserFunctionConfig = field(default_factory=UserFunctionConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    entities: EntityConfig = field(default_factory=EntityConfig)
+    state_dir: Path = Path(".state")
+    journal_url: str = ""
+    log_level: str = "info"
+    log_format: str = "text"
+
+    def __post_init__(self) -> None:
+        if not self.journal_url:
+            object.__setattr__(self, "journal_url", default_journal_url(self.state_dir))
+        _validate(
+            self,
+            {
+                "state_dir": "state_dir",
+                "journal_url": "journal_url",
+                "log_level": "log_level",
+                "log_format": "log_format",
+            },
+        )
+
+    def entity_settings(self) -> EntitySettings:
+        """The entity manager's limits."""
+        return EntitySettings(
+            queue_size=self.entities.queue_size,
+            max_instances=self.entities.max_instances,
+            default_passivation=self.entities.passivation_timeout,
+            recovery_timeout=self.entities.recovery_timeout,
+            max_message_size=self.server.max_message_size,
+        )
+
+
+def default_journal_url(state_dir: Path) -> str:
+    """``sqlite:///<absolute state dir>/journal.db``: absolute, so that the URL
+    means the same file whichever way a reader treats relative sqlite paths."""
+    return f"sqlite://{(state_dir / 'journal.db').absolute()}"
+
+
+def _address(host: str, port: int) -> str:
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{host}:{port}"
+
+
+def load_config(values: Mapping[str, str | None], environ: Mapping[str, str]) -> ProxyConfig:
+    """Build the config from flag values (setting key -> text or None) and the
+    environment. A flag wins over its variable, which wins over the default.
+    Raises `ConfigError` naming the flag of the first invalid setting."""
+    resolved: dict[str, Any] = {}
+    for key, setting in SETTINGS.items():
+        raw, source = values.get(key), ""
+        if raw is None and setting.env is not None and setting.env in environ:
+            raw, source = environ[setting.env], f" (from {setting.env})"
+        if raw is None:
+            raw = setting.default
+        if raw is None:
+            resolved[key] = None
+            continue
+        try:
+            resolved[key] = setting.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{setting.flag}{source}: {exc}") from None
+        setting.validate(resolved[key], source)
+    return _assemble(resolved)
+
+
+def _assemble(v: Mapping[str, Any]) -> ProxyConfig:
+    return ProxyConfig(
+        user_function=UserFunctionConfig(v["user_function_host"], v["user_function_port"]),
+        server=ServerConfig(
+            v["host"], v["http_port"], v["max_message_size"], v["shutdown_timeout"]
+        ),
+        discovery=DiscoveryConfig(
+            proxy_name=v["proxy_name"],
+            initial_backoff=min(1.0, v["discovery_max_backoff"]),
+            max_backoff=v["discovery_max_backoff"],
+        ),
+        entities=EntityConfig(
+            passivation_timeout=v["passivation_timeout"],
+            queue_size=v["entity_queue_size"],
+            max_instances=v["max_entities"],
+            recovery_timeout=v["recovery_timeout"],
+        ),
+        state_dir=v["state_dir"],
+        journal_url=v["journal_url"] or "",
+        log_level=v["log_level"],
+        log_format=v["log_format"],
+    )
