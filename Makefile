@@ -7,13 +7,17 @@ STAMP := $(VENV)/.installed
 PROTO_STAMP := cloudstate/.generated
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: install protos lint unit test run run-cart bench clean
+.PHONY: install protos lint unit test run bench clean
 
 install: $(STAMP) $(PROTO_STAMP)
 
+# Code generation first, so the editable install maps the generated `cloudstate`
+# package too (the console script then works from any directory).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet 'grpcio-tools>=1.60,<2' 'googleapis-common-protos>=1.60,<2'
+	$(PY) protos/generate.py
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -33,11 +37,13 @@ unit: install
 
 test: lint unit
 
-# The shopping-cart user function alone (HOST/PORT from the environment).
-run-cart: install
-	$(PY) -m examples.shoppingcart
+# The shopping-cart user function and the proxy on the embedded store.
+run: install
+	$(PY) -m tools.run_dev
 
-run: run-cart
+# Proxy and ceilings under the same load generator; see bench/README.md.
+bench: install
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) cloudstate .pytest_cache .mypy_cache .ruff_cache

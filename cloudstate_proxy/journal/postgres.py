@@ -1,0 +1,492 @@
+"""The Postgres journal and snapshot store (asyncpg).
+
+Appends go through a `GroupCommitter`: its writer task turns each batch of
+concurrent appends into ONE multi-row ``INSERT ... SELECT FROM unnest(...)``
+statement, which Postgres runs and commits as one transaction - one round
+trip and one WAL flush for the whole batch. The primary key (persistence id,
+entity id, sequence number) fences writers: if any row of a batch is taken,
+Postgres rejects the whole statement, and the batch is retried one append per
+transaction so that only the appends that really conflict fail.
+
+All asyncpg errors are translated here: a unique violation becomes
+`JournalConflict`, everything else that goes wrong talking to Postgres becomes
+`JournalUnavailable`. Every call is bounded by a timeout, and the pool replaces
+broken connections, so the store recovers by itself when Postgres returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
+from datetime import datetime
+from typing import Any, Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import asyncpg
+
+from .base import EventData, JournalConflict, JournalUnavailable, StoredEvent, StoredSnapshot
+from .common import as_utc, check_append, redact_url
+from .group_commit import GroupCommitter, PendingAppend
+from .migrations import POSTGRES_MIGRATIONS, POSTGRES_SCHEMA_VERSION_TABLE, pending
+
+log = logging.getLogger(__name__)
+
+# Any fixed bigint works; every proxy must use the same one. ("csjournl")
+_MIGRATION_LOCK_KEY = 0x63736A6F75726E6C
+_MAX_SEQ_NR = 2**63 - 1
+
+# Errors raised on the client side of a connection (I/O, timeouts, a closed
+# connection or pool). TimeoutError is an OSError.
+_CLIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+
+_INSERT_EVENTS = """
+INSERT INTO event_journal (persistence_id, entity_id, seq_nr, type_url, payload)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bytea[])
+RETURNING persistence_id, entity_id, seq_nr, global_offset, written_at
+"""
+
+_SELECT_EVENTS = """
+SELECT seq_nr, type_url, payload, written_at, global_offset FROM event_journal
+WHERE persistence_id = $1 AND entity_id = $2 AND seq_nr >= $3 AND seq_nr <= $4
+ORDER BY seq_nr
+LIMIT $5
+"""
+
+_SELECT_HIGHEST = """
+SELECT max(seq_nr) FROM event_journal WHERE persistence_id = $1 AND entity_id = $2
+"""
+
+_UPSERT_SNAPSHOT = """
+INSERT INTO snapshots (persistence_id, entity_id, seq_nr, type_url, payload)
+VALUES ($1, $2, $3, $4, $5)
+ON CONFLICT (persistence_id, entity_id, seq_nr) DO UPDATE
+SET type_url = EXCLUDED.type_url, payload = EXCLUDED.payload, written_at = EXCLUDED.written_at
+"""
+
+_SELECT_SNAPSHOT = """
+SELECT seq_nr, type_url, payload, written_at FROM snapshots
+WHERE persistence_id = $1 AND entity_id = $2 AND seq_nr <= $3
+  AND ($4::timestamptz IS NULL OR written_at <= $4::timestamptz)
+ORDER BY seq_nr DESC
+LIMIT 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PostgresOptions:
+    """Tuning of a `PostgresStore`. Each field can also be given as a query
+    parameter of the store URL (``postgresql://host/db?max_pool_size=20``)."""
+
+    min_pool_size: int = 2
+    max_pool_size: int = 10
+    # Seconds to open a connection or wait for a free one from the pool.
+    connect_timeout: float = 5.0
+    # Seconds any one statement may take before the call fails as unavailable.
+    command_timeout: float = 10.0
+    # Appends (and events) written together in one transaction at most.
+    max_batch_size: int = 512
+    max_batch_events: int = 8192
+    max_batch_bytes: int = 16 * 1024 * 1024
+    # Rows fetched per round trip by `read_events`.
+    read_page_size: int = 1000
+    # Seconds `close` waits for pending appends and in-use connections.
+    close_timeout: float = 10.0
+    # Shown in pg_stat_activity unless the URL sets application_name itself.
+    application_name: str = "cloudstate-proxy"
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_pool_size <= self.max_pool_size or self.max_pool_size < 1:
+            raise ValueError(
+                f"need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1, got "
+                f"{self.min_pool_size}..{self.max_pool_size}"
+            )
+        for name in ("connect_timeout", "command_timeout", "close_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        for name in ("max_batch_size", "max_batch_events", "max_batch_bytes", "read_page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+
+    @classmethod
+    def split_url(cls, url: str) -> tuple[str, PostgresOptions]:
+        """Separate our options from ``url``'s query; returns the URL asyncpg
+        gets (its own parameters kept) and the options."""
+        parts = urlsplit(url)
+        ours = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        rest = []
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            field = ours.get(key)
+            if field is None:
+                rest.append((key, value))
+                continue
+            try:
+                values[key] = _convert(field.type, value)
+            except ValueError:
+                raise ValueError(f"bad {key}={value!r} in {redact_url(url)}") from None
+        return urlunsplit(parts._replace(query=urlencode(rest))), cls(**values)
+
+
+def _convert(type_name: object, value: str) -> Any:
+    # Field types are strings because of ``from __future__ import annotations``.
+    return {"int": int, "float": float}.get(str(type_name), str)(value)
+
+
+class PostgresStore:
+    """`Journal` and `SnapshotStore` on Postgres.
+
+    Not usable before `start`. ``dsn`` is an asyncpg connection URL; see
+    `PostgresOptions` for tuning.
+    """
+
+    def __init__(self, dsn: str, options: PostgresOptions | None = None) -> None:
+        self._dsn = dsn
+        self.options = options or PostgresOptions()
+        self._pool: asyncpg.Pool | None = None
+        self._committer = GroupCommitter(
+            self._write_batch,
+            name="postgres journal",
+            max_batch_size=self.options.max_batch_size,
+            max_batch_events=self.options.max_batch_events,
+            max_batch_bytes=self.options.max_batch_bytes,
+            close_timeout=self.options.close_timeout,
+        )
+        self._start_lock = asyncio.Lock()
+        self._close_started = False
+        self._closed = asyncio.Event()
+
+    @classmethod
+    def from_url(cls, url: str) -> PostgresStore:
+        """A store for ``url``; query parameters naming `PostgresOptions` fields set them."""
+        dsn, options = PostgresOptions.split_url(url)
+        return cls(dsn, options)
+
+    @property
+    def committer(self) -> GroupCommitter:
+        """The append batching (for metrics: batches and appends written)."""
+        return self._committer
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the pool and bring the schema up to date. Idempotent.
+
+        Raises `JournalUnavailable` if Postgres cannot be reached (the store
+        can then be started again).
+        """
+        async with self._start_lock:  # concurrent start() calls open one pool
+            if self._close_started:
+                raise JournalUnavailable("Postgres journal is closed")
+            if self._pool is not None:
+                return
+            pool = await self._create_pool()
+            try:
+                self._pool = pool
+                await self._migrate()
+            except BaseException:
+                self._pool = None
+                pool.terminate()
+                raise
+            self._committer.start()
+
+    async def close(self) -> None:
+        """Stop accepting appends, write the pending ones, close the pool. Idempotent."""
+        if self._close_started:
+            await self._closed.wait()
+            return
+        self._close_started = True
+        try:
+            await self._committer.close()
+            if self._pool is not None:
+                await self._close_pool(self._pool)
+        finally:
+            self._closed.set()
+
+    async def wait_closed(self) -> None:
+        """Wait until `close` has finished."""
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+        await self.wait_closed()
+
+    async def _create_pool(self) -> asyncpg.Pool:
+        opts = self.options
+        settings = {}
+        if "application_name" not in urlsplit(self._dsn).query:
+            settings["application_name"] = opts.application_name
+        try:
+            pool: asyncpg.Pool = await asyncpg.create_pool(
+                self._dsn,
+                min_size=opts.min_pool_size,
+                max_size=opts.max_pool_size,
+                timeout=opts.connect_timeout,
+                command_timeout=opts.command_timeout,
+                server_settings=settings,
+                reset=_keep_session,
+            )
+        except (*_CLIENT_ERRORS, asyncpg.PostgresError) as exc:
+            raise _unavailable(f"connecting to {redact_url(self._dsn)}", exc) from exc
+        return pool
+
+    async def _close_pool(self, pool: asyncpg.Pool) -> None:
+        # A connection still in use (say a read hung on a dead server) must not
+        # keep close() from finishing: after the timeout, cut everything.
+        try:
+            await asyncio.wait_for(pool.close(), self.options.close_timeout)
+        except asyncio.CancelledError:
+            pool.terminate()
+            raise
+        except Exception as exc:
+            log.warning("closing the Postgres pool failed (%r); terminating it", exc)
+            pool.terminate()
+
+    async def _migrate(self) -> None:
+        # The advisory lock serialises proxies starting at the same time: the
+        # second one waits, then finds the schema current and applies nothing.
+        async with self._connection("migrating the schema") as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", _MIGRATION_LOCK_KEY)
+            await conn.execute(POSTGRES_SCHEMA_VERSION_TABLE)
+            current = await conn.fetchval("SELECT coalesce(max(version), 0) FROM schema_version")
+            for migration in pending(POSTGRES_MIGRATIONS, current):
+                log.info(
+                    "applying journal migration %d: %s", migration.version, migration.description
+                )
+                for statement in migration.statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    "INSERT INTO schema_version (version, description) VALUES ($1, $2)",
+                    migration.version,
+                    migration.description,
+                )
+
+    # -- journal -------------------------------------------------------------
+
+    async def append(
+        self,
+        persistence_id: str,
+        entity_id: str,
+        expected_seq_nr: int,
+        events: Sequence[EventData],
+    ) -> list[StoredEvent]:
+        """See `Journal.append`. On `JournalUnavailable` the outcome may be
+        unknown (the connection broke after the commit was sent): the caller
+        must recover from the journal before appending again."""
+        batch = check_append(persistence_id, entity_id, expected_seq_nr, events)
+        if not batch:
+            return []
+        return await self._committer.submit(persistence_id, entity_id, expected_seq_nr, batch)
+
+    async def read_events(
+        self,
+        persistence_id: str,
+        entity_id: str,
+        from_seq_nr: int = 1,
+        to_seq_nr: int | None = None,
+    ) -> AsyncIterator[StoredEvent]:
+        """See `Journal.read_events`. Reads ``read_page_size`` rows per round trip
+        and holds no connection while the caller consumes them."""
+        upper = _MAX_SEQ_NR if to_seq_nr is None else to_seq_nr
+        page_size = self.options.read_page_size
+        next_seq_nr = from_seq_nr
+        while next_seq_nr <= upper:
+            async with self._connection("reading events") as conn:
+                rows = await conn.fetch(
+                    _SELECT_EVENTS, persistence_id, entity_id, next_seq_nr, upper, page_size
+                )
+            for seq_nr, type_url, payload, written_at, offset in rows:
+                yield StoredEvent(
+                    persistence_id, entity_id, seq_nr, type_url, payload, written_at, offset
+                )
+            if len(rows) < page_size:
+                return
+            next_seq_nr = rows[-1][0] + 1
+
+    async def highest_seq_nr(self, persistence_id: str, entity_id: str) -> int:
+        """See `Journal.highest_seq_nr`."""
+        async with self._connection("reading the highest sequence number") as conn:
+            highest: int | None = await conn.fetchval(_SELECT_HIGHEST, persistence_id, entity_id)
+        return highest or 0
+
+    # -- snapshots -----------------------------------------------------------
+
+    async def save_snapshot(
+        self, persistence_id: str, entity_id: str, seq_nr: int, snapshot: EventData
+    ) -> None:
+        """See `SnapshotStore.save_snapshot`; a second save at ``seq_nr`` replaces the first."""
+        async with self._connection("saving a snapshot") as conn:
+            await conn.execute(
+                _UPSERT_SNAPSHOT,
+                persistence_id,
+                entity_id,
+                seq_nr,
+                snapshot.type_url,
+                snapshot.payload,
+            )
+
+    async def load_snapshot(
+        self,
+        persistence_id: str,
+        entity_id: str,
+        max_seq_nr: int | None = None,
+        max_written_at: datetime | None = None,
+    ) -> StoredSnapshot | None:
+        """See `SnapshotStore.load_snapshot`; a naive ``max_written_at`` is taken as UTC."""
+        limit = as_utc(max_written_at) if max_written_at is not None else None
+        upper = _MAX_SEQ_NR if max_seq_nr is None else max_seq_nr
+        async with self._connection("loading a snapshot") as conn:
+            row = await conn.fetchrow(_SELECT_SNAPSHOT, persistence_id, entity_id, upper, limit)
+        if row is None:
+            return None
+        seq_nr, type_url, payload, written_at = row
+        return StoredSnapshot(persistence_id, entity_id, seq_nr, type_url, payload, written_at)
+
+    # -- plumbing ------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _connection(
+        self, action: str, *, raw_data_errors: bool = False
+    ) -> AsyncIterator[Any]:
+        """A pooled connection; translates driver errors raised while it is in use.
+
+        With ``raw_data_errors`` the errors Postgres raises about the data of a
+        statement (see `_is_data_error`, e.g. a unique violation) pass through
+        untranslated for the caller to interpret. A connection that failed on
+        the client side (I/O, timeout, cancellation) is terminated rather than
+        reused: its state is unknown.
+        """
+        pool = self._pool
+        if pool is None:
+            raise JournalUnavailable("Postgres journal is not started")
+        try:
+            conn = await pool.acquire(timeout=self.options.connect_timeout)
+        except (*_CLIENT_ERRORS, asyncpg.PostgresError) as exc:
+            raise _unavailable(f"{action} (connecting)", exc) from exc
+        try:
+            yield conn
+        except asyncpg.PostgresError as exc:
+            if raw_data_errors and _is_data_error(exc):
+                raise
+            raise _unavailable(action, exc) from exc
+        except _CLIENT_ERRORS as exc:
+            conn.terminate()
+            raise _unavailable(action, exc) from exc
+        except asyncio.CancelledError:
+            conn.terminate()
+            raise
+        finally:
+            with contextlib.suppress(Exception):
+                await pool.release(conn)
+
+    async def _insert(self, batch: list[PendingAppend]) -> list[Any]:
+        """Insert all events of ``batch`` in one statement (one transaction).
+
+        Raises the driver's error when Postgres rejects the data (see
+        `_is_data_error`), `JournalUnavailable` for anything else.
+        """
+        rows = [
+            (append.persistence_id, append.entity_id, seq_nr, event.type_url, event.payload)
+            for append in batch
+            for seq_nr, event in enumerate(append.events, append.expected_seq_nr + 1)
+        ]
+        # Every writer inserts in key order, so concurrent batches (from other
+        # proxies during a ring change) wait on each other's keys in the same
+        # order and cannot deadlock.
+        rows.sort(key=lambda row: row[:3])
+        columns = [list(column) for column in zip(*rows, strict=True)]
+        async with self._connection("appending events", raw_data_errors=True) as conn:
+            written: list[Any] = await conn.fetch(_INSERT_EVENTS, *columns)
+        return written
+
+    async def _write_batch(self, batch: list[PendingAppend]) -> None:
+        try:
+            rows = await self._insert(batch)
+        except asyncpg.PostgresError:
+            # Postgres rejected the batch's data and wrote none of it: usually a
+            # taken sequence number (a ring change, a second writer). Such
+            # failures are rare, so find out whose by retrying each append
+            # alone rather than failing innocent appends with it.
+            await self._write_one_by_one(batch)
+        except JournalUnavailable as exc:
+            _fail_all(batch, exc)
+        else:
+            _settle(batch, rows)
+
+    async def _write_one_by_one(self, batch: list[PendingAppend]) -> None:
+        # In submission order, so of two overlapping appends to one entity in
+        # the same batch the first wins, as it would have in separate batches.
+        for index, append in enumerate(batch):
+            if append.settled:  # withdrawn by its cancelled caller: leave unwritten
+                continue
+            try:
+                rows = await self._insert([append])
+            except asyncpg.UniqueViolationError:
+                append.fail(
+                    JournalConflict(append.persistence_id, append.entity_id, append.expected_seq_nr)
+                )
+            except asyncpg.PostgresError as exc:
+                append.fail(_unavailable("storing these events", exc))
+            except JournalUnavailable as exc:
+                # The connection or server failed: the rest would fail alike.
+                _fail_all(batch[index:], exc)
+                return
+            else:
+                _settle([append], rows)
+
+
+async def _keep_session(conn: Any) -> None:
+    """Pool ``reset`` hook: nothing to reset (we never change session state),
+    which saves the default reset's round trip on every release."""
+
+
+def _is_data_error(exc: asyncpg.PostgresError) -> bool:
+    """Whether Postgres rejected the data of the statement (SQLSTATE classes 22
+    data exception, 23 integrity violation, 54 program limit exceeded) rather
+    than failing as a whole: the connection is fine, and in a batch possibly
+    only one append is at fault."""
+    return str(getattr(exc, "sqlstate", ""))[:2] in ("22", "23", "54")
+
+
+def _unavailable(action: str, exc: BaseException) -> JournalUnavailable:
+    detail = str(exc) or type(exc).__name__
+    return JournalUnavailable(f"Postgres journal: {action} failed: {detail}")
+
+
+def _fail_all(batch: Sequence[PendingAppend], exc: JournalUnavailable) -> None:
+    for append in batch:
+        error = JournalUnavailable(exc.message)
+        error.__cause__ = exc.__cause__
+        append.fail(error)
+
+
+def _settle(batch: list[PendingAppend], rows: list[Any]) -> None:
+    # RETURNING order is not guaranteed, so match rows to appends by key.
+    written = {(row[0], row[1], row[2]): (row[3], row[4]) for row in rows}
+    for append in batch:
+        stored = []
+        for seq_nr, event in enumerate(append.events, append.expected_seq_nr + 1):
+            offset, written_at = written[(append.persistence_id, append.entity_id, seq_nr)]
+            stored.append(
+                StoredEvent(
+                    append.persistence_id,
+                    append.entity_id,
+                    seq_nr,
+                    event.type_url,
+                    event.payload,
+                    written_at,
+                    offset,
+                )
+            )
+        append.succeed(stored)
