@@ -49,7 +49,7 @@ async def run_load(
     clients: int,
     seconds: float,
     warmup: float = 1.0,
-    timeout: float = 10.0,
+    call_timeout: float = 10.0,
 ) -> LoadResult:
     """Drive ``method`` at ``target`` with ``clients`` concurrent loops.
 
@@ -81,7 +81,7 @@ async def run_load(
                 if began >= stop_at:
                     return
                 try:
-                    await call(request, timeout=timeout)  # type: ignore[misc]
+                    await call(request, timeout=call_timeout)  # type: ignore[misc]
                     status = None
                 except grpc.aio.AioRpcError as exc:
                     status = exc.code().name

@@ -50,9 +50,11 @@ def _banner(port: int, journal: str, logs: Path) -> str:
 The shopping cart is served on 127.0.0.1:{port} (journal: {journal}; logs: {logs}).
 
 Call it with grpcurl (no proto files needed, the proxy serves reflection):
-  grpcurl -plaintext -d '{{"user_id": "alice", "product_id": "apple", "name": "Apple", "quantity": 2}}' \\
+  grpcurl -plaintext \\
+      -d '{{"user_id": "alice", "product_id": "apple", "name": "Apple", "quantity": 2}}' \\
       127.0.0.1:{port} com.example.shoppingcart.ShoppingCart/AddItem
-  grpcurl -plaintext -d '{{"user_id": "alice"}}' 127.0.0.1:{port} com.example.shoppingcart.ShoppingCart/GetCart
+  grpcurl -plaintext -d '{{"user_id": "alice"}}' \\
+      127.0.0.1:{port} com.example.shoppingcart.ShoppingCart/GetCart
 
 or with the example client:
   .venv/bin/python -m examples.shoppingcart.client --target 127.0.0.1:{port} add alice apple Apple 2

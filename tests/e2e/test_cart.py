@@ -122,8 +122,8 @@ class Load:
                 self.acknowledged.add((user, product))
                 self.progress.notify_all()
 
-    async def wait_for_acks(self, count: int, timeout: float = 60.0) -> None:
-        async with asyncio.timeout(timeout), self.progress:
+    async def wait_for_acks(self, count: int, within: float = 60.0) -> None:
+        async with asyncio.timeout(within), self.progress:
             await self.progress.wait_for(lambda: len(self.acknowledged) >= count)
 
 
@@ -189,9 +189,9 @@ async def test_killed_user_function_recovers_entity_on_next_command(cart_system:
     assert [r["seq_nr"] for r in rows] == [1, 2, 3, 4]
 
 
-async def retry_unavailable(call, timeout: float = 30.0):  # type: ignore[no-untyped-def]
-    """Call until it stops failing with UNAVAILABLE, within ``timeout`` seconds."""
-    async with asyncio.timeout(timeout):
+async def retry_unavailable(call, within: float = 30.0):  # type: ignore[no-untyped-def]
+    """Call until it stops failing with UNAVAILABLE, within ``within`` seconds."""
+    async with asyncio.timeout(within):
         while True:
             try:
                 return await call()

@@ -46,7 +46,7 @@ async def test_postgres_restart_under_load(system_on_private_postgres: System) -
         await restart_postgres(system.journal_url)
         before = len(load.acknowledged)
         # The proxy reconnects by itself: acknowledgements resume, no restart of ours.
-        await load.wait_for_acks(before + 300, timeout=60)
+        await load.wait_for_acks(before + 300, within=60)
     finally:
         load.stopping.set()
         await asyncio.wait_for(runner, 30)
