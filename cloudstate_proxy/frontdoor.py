@@ -29,6 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from .config import ServerConfig
+from .entity.asof import split_as_of
 from .entity.model import CommandReply, EntityCommand, Metadata, Payload, Router
 from .errors import DeadlineExceeded, Internal, ProxyError, Unimplemented
 from .registry import MethodInfo, ServiceRegistry, build_pool
@@ -208,13 +209,17 @@ class _EntityServices(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is 
     async def _call(
         self, info: MethodInfo, request: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
+        # cloudstate-as-of-* make the call a read-only query of a past state;
+        # they are the proxy's, so they never travel further with the command.
+        metadata, as_of = split_as_of(_client_metadata(context.invocation_metadata()))
         command = EntityCommand(
             service=info.service,
             method=info.name,
             entity_id=info.entity_id(request),
             payload=Payload(info.input_type_url, request),
-            metadata=_client_metadata(context.invocation_metadata()),
+            metadata=metadata,
             deadline=_deadline(context),
+            as_of=as_of,
         )
         reply = await self._router.route(command)
         _check_reply_type(info, reply)

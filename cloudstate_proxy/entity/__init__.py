@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from .instance import EntityInstance, Phase
 from .manager import EntityManager
-from .model import CommandReply, EntityCommand, EntitySettings, Metadata, Payload, Router
+from .model import AsOf, CommandReply, EntityCommand, EntitySettings, Metadata, Payload, Router
 
 __all__ = [
+    "AsOf",
     "CommandReply",
     "EntityCommand",
     "EntityInstance",

@@ -22,6 +22,7 @@ import grpc
 from ..errors import DeadlineExceeded, InvalidArgument, Unavailable, Unimplemented
 from ..journal.base import Journal, SnapshotStore
 from ..registry import ServiceRegistry
+from .asof import AsOfQueries
 from .effects import EffectRunner
 from .instance import EntityInstance, InstanceContext
 from .model import CommandReply, EntityCommand, EntitySettings, Router
@@ -66,6 +67,15 @@ class EntityManager:
         self._streams = StreamOpener(channel)
         self._settings = settings
         self._effects = EffectRunner(registry, router if router is not None else self)
+        self._as_of = AsOfQueries(
+            registry,
+            journal,
+            snapshots,
+            self._streams,
+            settings,
+            command_timeout=command_timeout,
+            finish_grace=passivation_grace,
+        )
         self._command_timeout = command_timeout
         self._shutdown_grace = shutdown_grace
         self._passivation_grace = passivation_grace
@@ -112,6 +122,7 @@ class EntityManager:
             await self._wait_instances(deadline)
             # Routing is closed by now, so these start no new instances.
             await self._effects.wait(max(0.0, deadline - loop.time()))
+            await self._as_of.close()  # bounded: each stream has passivation_grace
         finally:
             self._closed.set()
 
@@ -168,7 +179,8 @@ class EntityManager:
 
         Raises `ProxyError` subclasses: `Unimplemented` (unknown method),
         `InvalidArgument` (empty entity id), `ResourceExhausted` (queue full),
-        `DeadlineExceeded`, `UserFailure`, `Unavailable`/`EntityFailed`.
+        `DeadlineExceeded`, `UserFailure`, `Unavailable`/`EntityFailed`, and
+        `FailedPrecondition` (an as-of query that tried to write; see asof.py).
         """
         route = self._routes.get((command.service, command.method))
         if route is None:
@@ -186,6 +198,9 @@ class EntityManager:
             raise DeadlineExceeded(
                 f"deadline exceeded before {command.service}/{command.method} ran"
             )
+        if command.as_of is not None:
+            # A read-only query of a past state: a transient stream, no instance.
+            return await self._as_of.run(command, route)
         pending = PendingCommand(command, route, loop.create_future())
         self._instance_for(command.service, command.entity_id).submit(pending)
         timer = loop.call_at(deadline, _expire, pending) if deadline is not None else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
 # gRPC metadata: keys are lower case; keys ending in "-bin" carry bytes.
@@ -31,6 +32,19 @@ class EntityCommand:
     deadline: float | None = None
     # Forwarding hops taken so far (bounded to stop loops during ring churn).
     hops: int = 0
+    # Set for a read-only query of the entity's past state (see asof.py). It
+    # needs no instance, so any node may run it: a router need not forward it.
+    as_of: AsOf | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AsOf:
+    """The point in an entity's history a read-only query runs at: after the
+    events up to sequence number ``seq_nr``, or after those written at or
+    before ``time`` (timezone-aware). Exactly one of the two is set."""
+
+    seq_nr: int | None = None
+    time: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
