@@ -13,6 +13,7 @@ and serve it::
     serve([cart])
 
 `user_function_sdk.testkit.EntityTestKit` runs an entity in memory for tests.
+`Projection` keeps a read model up to date from the proxy's event log.
 """
 
 from .context import CommandContext, Forward, Metadata, SideEffect
@@ -20,6 +21,13 @@ from .discovery import ServiceInfo
 from .entity import EntityOptions, EventSourcedEntity
 from .errors import CommandFailed, ProtocolError, RecoveryError, RegistrationError
 from .instance import CommandFailure, CommandResult, EntityInstance
+from .projection import (
+    Projection,
+    ProjectionContext,
+    ProjectionFailed,
+    ProjectionOptions,
+    run_projection,
+)
 from .server import ServerOptions, UserFunctionServer, serve
 
 __all__ = [
@@ -32,6 +40,10 @@ __all__ = [
     "EventSourcedEntity",
     "Forward",
     "Metadata",
+    "Projection",
+    "ProjectionContext",
+    "ProjectionFailed",
+    "ProjectionOptions",
     "ProtocolError",
     "RecoveryError",
     "RegistrationError",
@@ -39,5 +51,6 @@ __all__ = [
     "ServiceInfo",
     "SideEffect",
     "UserFunctionServer",
+    "run_projection",
     "serve",
 ]

@@ -3,6 +3,10 @@
     python -m examples.shoppingcart.client [--target localhost:9000] add USER PRODUCT NAME QTY
     python -m examples.shoppingcart.client remove USER PRODUCT
     python -m examples.shoppingcart.client get USER
+    python -m examples.shoppingcart.client top [--view localhost:8090] [--limit N]
+
+`top` asks the view process (python -m examples.shoppingcart.view) for the most
+added products, not the proxy.
 
 Exits 1 and prints the gRPC status when the call fails.
 """
@@ -19,8 +23,11 @@ from google.protobuf.message import Message
 
 from . import shoppingcart_pb2 as api
 from . import shoppingcart_pb2_grpc as api_grpc
+from . import view_pb2 as view_api
+from . import view_pb2_grpc as view_grpc
 
 DEFAULT_TARGET = "localhost:9000"
+DEFAULT_VIEW = "localhost:8090"
 TIMEOUT = 10.0
 
 
@@ -38,6 +45,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     remove.add_argument("product_id")
     get = commands.add_parser("get", help="show a cart")
     get.add_argument("user_id")
+    top = commands.add_parser("top", help="show the most added products (from the view)")
+    top.add_argument("--view", default=DEFAULT_VIEW, help="the view's host:port")
+    top.add_argument("--limit", type=int, default=10)
     return parser.parse_args(argv)
 
 
@@ -53,11 +63,19 @@ def call(stub: api_grpc.ShoppingCartStub, args: argparse.Namespace) -> Message:
     return stub.GetCart(api.GetShoppingCart(user_id=args.user_id), timeout=TIMEOUT)
 
 
+def call_view(channel: grpc.Channel, args: argparse.Namespace) -> Message:
+    stub = view_grpc.PopularProductsStub(channel)
+    return stub.Top(view_api.TopRequest(limit=args.limit), timeout=TIMEOUT)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    with grpc.insecure_channel(args.target) as channel:
+    with grpc.insecure_channel(args.view if args.command == "top" else args.target) as channel:
         try:
-            reply = call(api_grpc.ShoppingCartStub(channel), args)
+            if args.command == "top":
+                reply = call_view(channel, args)
+            else:
+                reply = call(api_grpc.ShoppingCartStub(channel), args)
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
