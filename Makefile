@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PROTO_STAMP := cloudstate/.generated
 PROTOS := $(shell find protos -name '*.proto')
 
-.PHONY: install protos lint unit test run bench clean
+.PHONY: install protos lint unit test run cluster bench bench-readside bench-cluster clean
 
 install: $(STAMP) $(PROTO_STAMP)
 
@@ -41,9 +41,22 @@ test: lint unit
 run: install
 	$(PY) -m tools.run_dev
 
+# Three proxy nodes with a shopping cart each, sharing one Postgres
+# (DATABASE_URL, else the local test database); see README.md, "Cluster".
+cluster: install
+	$(PY) -m tools.run_cluster
+
 # Proxy and ceilings under the same load generator; see bench/README.md.
 bench: install
 	$(PY) -m bench.run
+
+# Read side: live subscription lag under a write load, catch-up read rate.
+bench-readside: install
+	$(PY) -m bench.readside
+
+# One node against three, and the cost of a forwarding hop; see bench/README.md.
+bench-cluster: install
+	$(PY) -m bench.cluster
 
 clean:
 	rm -rf $(VENV) cloudstate .pytest_cache .mypy_cache .ruff_cache

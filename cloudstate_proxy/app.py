@@ -1,10 +1,13 @@
 """The proxy as one object: `ProxyApp` wires the components together.
 
 Start-up order: open the event store, connect to the user function, discover
-its services, start the entity manager, and only then bind the client port
-(readiness follows discovery). Shutdown runs the other way round: report
-NOT_SERVING and stop accepting calls, drain the in-flight ones, close the
-entity manager, flush and close the store, close the user-function channel.
+its services, start the entity manager, join the cluster (unless membership is
+``none``: serve the peer port, register, follow membership), and only then bind
+the client port (readiness follows discovery). Shutdown runs the other way
+round: leave the cluster (deregister and hand entities to the other members),
+report NOT_SERVING and stop accepting calls, drain the in-flight ones, close
+the peer port, close the entity manager, then the cluster's channels and
+membership, flush and close the store, close the user-function channel.
 
 `run` serves until SIGINT or SIGTERM and is what ``cloudstate-proxy serve`` calls.
 """
@@ -13,18 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import Awaitable, Iterator
 
 import grpc
 
+from .cluster.node import ClusterNode
 from .config import ProxyConfig
 from .discovery import Discovered, discover, user_function_channel
 from .entity.manager import EntityManager
 from .frontdoor import FrontDoor
 from .journal import Store, open_store
 from .journal.common import redact_url
+from .readside import EventLogService
 from .registry import ServiceRegistry
 
 log = logging.getLogger(__name__)
@@ -45,7 +51,9 @@ class ProxyApp:
         self._channel: grpc.aio.Channel | None = None
         self._discovered: Discovered | None = None
         self._manager: EntityManager | None = None
+        self._cluster: ClusterNode | None = None
         self._frontdoor: FrontDoor | None = None
+        self._event_log: EventLogService | None = None
         self._started = False
         self._closing: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()
@@ -56,6 +64,13 @@ class ProxyApp:
         if self._frontdoor is None:
             raise RuntimeError("the proxy is not serving")
         return self._frontdoor.port
+
+    @property
+    def peer_port(self) -> int:
+        """The bound peer port (cluster forwarding); only with a membership."""
+        if self._cluster is None:
+            raise RuntimeError("the proxy is not a cluster member")
+        return self._cluster.peer_port
 
     @property
     def registry(self) -> ServiceRegistry:
@@ -90,16 +105,30 @@ class ProxyApp:
             default_passivation=config.entities.passivation_timeout,
         )
         registry = self._discovered.registry
+        if config.membership_mode != "none":
+            self._cluster = ClusterNode(config, registry)
+        router = self._cluster.router if self._cluster is not None else None
         self._manager = EntityManager(
             registry,
             self._store,
             self._store,
             self._channel,
             config.entity_settings(),
+            router,
             shutdown_grace=config.server.shutdown_timeout,
         )
         await self._manager.start()
-        self._frontdoor = FrontDoor(registry, self._manager, config.server)
+        if self._cluster is not None:
+            # Before the client port opens: commands need to know their owners.
+            await self._cluster.start(self._manager)
+        # The read side (cloudstate.proxy.v1.EventLog) shares the client port.
+        self._event_log = EventLogService(self._store)
+        self._frontdoor = FrontDoor(
+            registry,
+            router if router is not None else self._manager,
+            config.server,
+            services=[self._event_log],
+        )
         await self._frontdoor.start()
         log.info(
             "serving %s on %s (user function at %s, journal %s)",
@@ -131,10 +160,20 @@ class ProxyApp:
     async def _shutdown(self) -> None:
         # Each step runs even when an earlier one failed: a shutdown must finish.
         try:
+            if self._cluster is not None:
+                await _step("leave the cluster", self._cluster.leave())
+            if self._event_log is not None:
+                # Live subscriptions never finish by themselves: end them now
+                # rather than let them hold the front door's drain to its timeout.
+                self._event_log.close()
             if self._frontdoor is not None:
                 await _step("stop the front door", self._frontdoor.close())
+            if self._cluster is not None:
+                await _step("close the peer port", self._cluster.stop_serving())
             if self._manager is not None:
                 await _step("close the entity manager", _close_and_wait(self._manager))
+            if self._cluster is not None:
+                await _step("close the cluster membership", self._cluster.close())
             if self._store is not None:
                 await _step("close the event store", _close_and_wait(self._store))
             if self._channel is not None:
@@ -167,9 +206,23 @@ async def run(config: ProxyConfig) -> None:
         app = ProxyApp(config)
         try:
             if await _unless_stopped(app.start(), stop):
+                _steady_state_gc()
                 await stop.wait()
         finally:
             await app.close()
+
+
+def _steady_state_gc() -> None:
+    """Collect cyclic garbage less often once serving (a process-wide setting).
+
+    What start-up built (descriptors, registry, channels, pools) lives as long
+    as the process: frozen, no collection traverses it again. Commands allocate
+    hundreds of short-lived objects each, so the default thresholds ran a
+    collection every few commands and, under load, full collections over every
+    live entity instance that paused the loop for ~50 ms (bench/README.md).
+    """
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 100)
 
 
 async def _unless_stopped(work: Awaitable[None], stop: asyncio.Event) -> bool:

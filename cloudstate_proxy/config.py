@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .cluster.member import check_node_id, parse_address
 from .entity.model import EntitySettings
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
 JOURNAL_SCHEMES = ("postgresql", "postgres", "sqlite", "memory")
+MEMBERSHIPS = ("auto", "postgres", "static", "none")
+_POSTGRES_SCHEMES = ("postgresql", "postgres")
 _MAX_GRPC_MESSAGE = 2**31 - 1
 
 
@@ -117,6 +120,39 @@ def _journal_url(value: str) -> None:
         raise ValueError(f"a sqlite URL needs a file path (sqlite:///<path>), got {value!r}")
 
 
+def _static_peers(raw: str) -> tuple[tuple[str, str], ...]:
+    """``node=host:port,node=host:port`` as (node id, address) pairs."""
+    peers = []
+    for item in raw.split(","):
+        node_id, sep, address = item.strip().partition("=")
+        if not sep:
+            raise ValueError(f"must list node=host:port entries, got {item.strip()!r}")
+        peers.append((node_id.strip(), address.strip()))
+    return tuple(peers)
+
+
+def _peer_list(value: tuple[tuple[str, str], ...]) -> None:
+    ids = [node_id for node_id, _ in value]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"node ids must be unique, got {', '.join(ids)}")
+    for node_id, address in value:
+        check_node_id(node_id)
+        parse_address(address, what=f"address of node {node_id!r}")
+
+
+def _node_id(value: str) -> None:
+    check_node_id(value)
+
+
+def _peer_address(value: str) -> None:
+    parse_address(value, what="peer address")
+
+
+def _postgres_url(value: str) -> None:
+    if urlsplit(value).scheme not in _POSTGRES_SCHEMES:
+        raise ValueError(f"must be a postgresql:// URL, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     """One configurable value: how it is spelled, documented, parsed and checked."""
@@ -180,8 +216,9 @@ SETTINGS: Mapping[str, Setting] = {
         _integer, _positive, metavar="N",
     ),
     "max_entities": Setting(
-        ("--max-entities",), "MAX_ENTITIES", "100000",
-        "live entity instances at most (least recently used ones are passivated)",
+        ("--max-entities",), "MAX_ENTITIES", "10000",
+        "live entity instances at most (least recently used ones are passivated); each "
+        "costs ~35 KB in the proxy and ~25 KB in a Python user function",
         _integer, _positive, metavar="N",
     ),
     "max_message_size": Setting(
@@ -215,6 +252,57 @@ SETTINGS: Mapping[str, Setting] = {
     "proxy_name": Setting(
         ("--proxy-name",), "PROXY_NAME", "cloudstate-proxy-py",
         "proxy name reported to the user function at discovery",
+    ),
+    "membership": Setting(
+        ("--membership",), "CLUSTER_MEMBERSHIP", "auto",
+        "cluster membership: postgres (heartbeats in the shared database), static "
+        "(--static-peers), none (a single node), or auto (postgres when the journal is on "
+        "Postgres, else none)", _lower, _one_of(MEMBERSHIPS),
+    ),
+    "node_id": Setting(
+        ("--node-id",), "NODE_ID", None,
+        "this node's id in the cluster: unique, and stable across restarts", check=_node_id,
+        help_default="<host name>-<client port>, or a random suffix with --port 0",
+    ),
+    "peer_host": Setting(
+        ("--peer-host",), "PEER_HOST", "0.0.0.0",
+        "address the peer port binds to (other proxies forward commands there; never "
+        "expose it to clients)",
+    ),
+    "peer_port": Setting(
+        ("--peer-port",), "PEER_PORT", "0",
+        "peer port (0 picks a free one; with --membership static, this node's port in "
+        "--static-peers)", _integer, _port,
+    ),
+    "peer_address": Setting(
+        ("--peer-address",), "PEER_ADDRESS", None,
+        "host:port at which the other proxies reach this node's peer port", check=_peer_address,
+        help_default="<peer host, or this host's name for 0.0.0.0/::>:<bound peer port>",
+    ),
+    "static_peers": Setting(
+        ("--static-peers",), "STATIC_PEERS", None,
+        "with --membership static: every node of the cluster, this one included, as "
+        "node=host:port,node=host:port", _static_peers, _peer_list, metavar="LIST",
+    ),
+    "membership_url": Setting(
+        ("--membership-url",), "MEMBERSHIP_URL", None,
+        "Postgres database of the membership table (cluster_members)", check=_postgres_url,
+        help_default="the journal URL", metavar="URL",
+    ),
+    "cluster_name": Setting(
+        ("--cluster-name",), "CLUSTER_NAME", "default",
+        "nodes sharing a membership database form one cluster per name (give proxies of "
+        "different user functions different names)",
+    ),
+    "heartbeat_interval": Setting(
+        ("--heartbeat-interval",), "HEARTBEAT_INTERVAL", "1s",
+        "how often a node renews its membership lease", _duration, _positive,
+        metavar="DURATION",
+    ),
+    "lease_timeout": Setting(
+        ("--lease-timeout",), "LEASE_TIMEOUT", "5s",
+        "a node not renewed for this long is dropped and its entities move to other nodes "
+        "(at least twice --heartbeat-interval)", _duration, _positive, metavar="DURATION",
     ),
 }  # fmt: skip
 
@@ -295,7 +383,7 @@ class EntityConfig:
 
     passivation_timeout: float = 30.0
     queue_size: int = 100
-    max_instances: int = 100_000
+    max_instances: int = 10_000
     recovery_timeout: float = 30.0
 
     def __post_init__(self) -> None:
@@ -311,6 +399,48 @@ class EntityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    """Cluster membership and the peer port (see `cloudstate_proxy.cluster`).
+
+    Empty ``node_id``, ``peer_address`` and ``membership_url`` are derived at
+    start-up (see their flags' help). ``static_peers`` lists (node id,
+    host:port) pairs and is required exactly with ``membership="static"``.
+    """
+
+    membership: str = "auto"
+    node_id: str = ""
+    peer_host: str = "0.0.0.0"
+    peer_port: int = 0
+    peer_address: str = ""
+    static_peers: tuple[tuple[str, str], ...] = ()
+    membership_url: str = ""
+    cluster_name: str = "default"
+    heartbeat_interval: float = 1.0
+    lease_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        # Field names are their settings' keys; empty optional ones are derived later.
+        always = ("membership", "peer_host", "peer_port", "cluster_name")
+        optional = ("node_id", "peer_address", "static_peers", "membership_url")
+        names = [*always, "heartbeat_interval", "lease_timeout"]
+        names += [name for name in optional if getattr(self, name)]
+        _validate(self, {name: name for name in names})
+        if self.lease_timeout < 2 * self.heartbeat_interval:
+            raise ConfigError(
+                f"--lease-timeout: must be at least twice --heartbeat-interval "
+                f"({self.heartbeat_interval:g}s), got {self.lease_timeout:g}s"
+            )
+        if (self.membership == "static") != bool(self.static_peers):
+            raise ConfigError("--static-peers: needed with --membership static, and only then")
+        listed = [node_id for node_id, _ in self.static_peers]
+        if self.static_peers and self.node_id not in listed:
+            raise ConfigError(
+                f"--node-id: with --membership static it must be one of {', '.join(listed)}, "
+                f"got {self.node_id!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConfig:
     """Everything the proxy needs to run; build it with `load_config` or in code.
 
@@ -321,6 +451,7 @@ class ProxyConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     entities: EntityConfig = field(default_factory=EntityConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
     state_dir: Path = Path(".state")
     journal_url: str = ""
     log_level: str = "info"
@@ -338,6 +469,27 @@ class ProxyConfig:
                 "log_format": "log_format",
             },
         )
+        if self.membership_mode == "postgres":
+            try:
+                _postgres_url(self.membership_url)
+            except ValueError:
+                raise ConfigError(
+                    "--membership: postgres needs a Postgres database: a postgresql:// "
+                    "journal, or --membership-url"
+                ) from None
+
+    @property
+    def membership_mode(self) -> str:
+        """``postgres``, ``static`` or ``none``: ``auto`` resolved by the journal URL."""
+        mode = self.cluster.membership
+        if mode == "auto":
+            return "postgres" if urlsplit(self.journal_url).scheme in _POSTGRES_SCHEMES else "none"
+        return mode
+
+    @property
+    def membership_url(self) -> str:
+        """The database of the membership table: ``--membership-url``, else the journal."""
+        return self.cluster.membership_url or self.journal_url
 
     def entity_settings(self) -> EntitySettings:
         """The entity manager's limits."""
@@ -400,6 +552,18 @@ def _assemble(v: Mapping[str, Any]) -> ProxyConfig:
             queue_size=v["entity_queue_size"],
             max_instances=v["max_entities"],
             recovery_timeout=v["recovery_timeout"],
+        ),
+        cluster=ClusterConfig(
+            membership=v["membership"],
+            node_id=v["node_id"] or "",
+            peer_host=v["peer_host"],
+            peer_port=v["peer_port"],
+            peer_address=v["peer_address"] or "",
+            static_peers=v["static_peers"] or (),
+            membership_url=v["membership_url"] or "",
+            cluster_name=v["cluster_name"],
+            heartbeat_interval=v["heartbeat_interval"],
+            lease_timeout=v["lease_timeout"],
         ),
         state_dir=v["state_dir"],
         journal_url=v["journal_url"] or "",

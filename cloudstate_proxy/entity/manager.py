@@ -6,7 +6,10 @@ least-recently-used order, evicts idle ones to stay under
 layer (instances, forwards, side effects) so that `close()` can drain them.
 
 Forwards and side effects go through ``router`` (the cluster's ring router, or
-the manager itself on a single node).
+the manager itself on a single node). In a cluster, `release` hands off the
+instances of entities another node owns now: their queued commands, and those
+left over by instances that stop later (passivated, or dropped on a journal
+conflict), go back through the router to the current owner.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
 
 import grpc
@@ -26,6 +29,7 @@ from .asof import AsOfQueries
 from .effects import EffectRunner
 from .instance import EntityInstance, InstanceContext
 from .model import CommandReply, EntityCommand, EntitySettings, Router
+from .outcome import ForwardAction
 from .pending import MethodRoute, PendingCommand
 from .stream import StreamOpener
 
@@ -86,6 +90,8 @@ class EntityManager:
         # Instances on their way out (half-closed streams); a command for one of
         # them still goes to it and is passed on to its successor, in order.
         self._retiring: dict[InstanceKey, EntityInstance] = {}
+        # Set by `release`: true for (service, entity id) owned by another node now.
+        self._elsewhere: Callable[[str, str], bool] | None = None
         self._accepting = False
         self._closing = False
         self._closed = asyncio.Event()
@@ -257,6 +263,24 @@ class EntityManager:
             self._retire(instance)
             instance.passivate()
 
+    def release(self, elsewhere: Callable[[str, str], bool]) -> int:
+        """Hand off the entities for which ``elsewhere(service, entity_id)`` holds
+        (the cluster's ring moved them to another node); returns how many.
+
+        Each such instance finishes its in-flight command and passivates; the
+        commands queued for it, and those arriving meanwhile, go back through
+        the router, in order. ``elsewhere`` stays in force until the next call
+        for the commands left over by any instance that stops (passivated, or
+        dropped on a journal conflict): those go to the current owner instead
+        of a fresh local instance.
+        """
+        self._elsewhere = elsewhere
+        released = [i for i in self._active.values() if elsewhere(i.service, i.entity_id)]
+        for instance in released:
+            self._retire(instance)
+            instance.passivate()
+        return len(released)
+
     def _retire(self, instance: EntityInstance) -> None:
         key = (instance.service, instance.entity_id)
         if self._active.get(key) is instance:
@@ -274,7 +298,14 @@ class EntityManager:
             del self._active[key]
         elif self._retiring.get(key) is instance:
             del self._retiring[key]
-        if leftover:
+        if leftover and self._elsewhere is not None and self._elsewhere(*key):
+            for pending in leftover:  # started in arrival order
+                command = pending.command
+                action = ForwardAction(
+                    command.service, command.method, command.payload, command.metadata
+                )
+                self._effects.continue_command(pending, action, ())
+        elif leftover:
             self._activate(key, leftover)
 
 
