@@ -19,12 +19,13 @@ import asyncio
 import functools
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool
+from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
@@ -44,6 +45,8 @@ _HEADER_KEY = re.compile(r"^[0-9a-z_.\-]+$")
 _HEADER_VALUE = re.compile(r"^[\x20-\x7e]*$")
 # gRPC represents "no deadline" as a far-away one.
 _NO_DEADLINE = 1e8
+# Calls accepted by gRPC but not yet taken by the server loop, at most.
+_MAX_PENDING_CALLS = 100_000
 
 
 def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
@@ -58,6 +61,19 @@ def status_of(error: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal error in the proxy (see the proxy's log)"
 
 
+class ProxyService(Protocol):
+    """A gRPC service of the proxy's own (e.g. the event log), served and
+    reflected beside the user's services."""
+
+    @property
+    def service_name(self) -> str: ...
+
+    @property
+    def file_descriptor(self) -> FileDescriptor: ...
+
+    def add_to_server(self, server: grpc.aio.Server) -> None: ...
+
+
 class FrontDoor:
     """The client-facing gRPC server. Lifecycle: `start`, `close`, `wait_closed`.
 
@@ -66,9 +82,16 @@ class FrontDoor:
     in-flight ones finish within ``config.shutdown_timeout`` seconds.
     """
 
-    def __init__(self, registry: ServiceRegistry, router: Router, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        registry: ServiceRegistry,
+        router: Router,
+        config: ServerConfig,
+        services: Sequence[ProxyService] = (),
+    ) -> None:
         self._registry = registry
         self._config = config
+        self._services = tuple(services)
         self._health = health.aio.HealthServicer()
         self._server = grpc.aio.server(options=_server_options(config))
         self._port: int | None = None
@@ -76,8 +99,12 @@ class FrontDoor:
         self._closed = asyncio.Event()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
-            self._reflected_services(), self._server, pool=_reflection_pool(registry)
+            self._reflected_services(),
+            self._server,
+            pool=_reflection_pool(registry, [s.file_descriptor for s in self._services]),
         )
+        for service in self._services:
+            service.add_to_server(self._server)
         # Last: the catch-all handler only sees paths no other handler claimed.
         self._server.add_generic_rpc_handlers([_EntityServices(registry, router)])
 
@@ -135,7 +162,8 @@ class FrontDoor:
         await self.close()
 
     def _reflected_services(self) -> list[str]:
-        return [*self._registry.services, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        own = [service.service_name for service in self._services]
+        return [*self._registry.services, *own, health.SERVICE_NAME, reflection.SERVICE_NAME]
 
 
 def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:
@@ -144,18 +172,25 @@ def _server_options(config: ServerConfig) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", config.max_message_size),
         # Fail on a port in use instead of silently sharing it with another process.
         ("grpc.so_reuseport", 0),
+        # gRPC fails calls that arrive faster than grpc.aio takes them (over
+        # 1,000 pending by default) with INTERNAL; a burst of clients is normal.
+        ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
+        ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
     ]
 
 
-def _reflection_pool(registry: ServiceRegistry) -> descriptor_pool.DescriptorPool:
-    """The user's files plus health.proto and reflection.proto, so that clients
-    can describe every service the server lists."""
+def _reflection_pool(
+    registry: ServiceRegistry, own: Sequence[FileDescriptor] = ()
+) -> descriptor_pool.DescriptorPool:
+    """The user's files plus health.proto, reflection.proto and the proxy's own
+    services' files, so that clients can describe every service the server lists."""
     files = descriptor_pb2.FileDescriptorSet()
     files.CopyFrom(registry.file_descriptor_set)
     present = {f.name for f in files.file}
-    for module in (health_pb2, reflection_pb2):
-        if module.DESCRIPTOR.name not in present:
-            module.DESCRIPTOR.CopyToProto(files.file.add())
+    for file in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR, *own):
+        if file.name not in present:
+            present.add(file.name)
+            file.CopyToProto(files.file.add())
     return build_pool(files)
 
 

@@ -6,6 +6,7 @@ to the returned `Store` only and never to a database driver.
     store = open_store("postgresql://user@db/app?max_pool_size=20")
     async with store:                      # start(), then close() + wait_closed()
         await store.append("cart", "c1", 0, [EventData(type_url, payload)])
+        page = await store.read_log(after_offset=0)  # the global log, in commit order
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from urllib.parse import urlsplit
 
 from .base import (
     EventData,
+    EventLogReader,
     Journal,
     JournalConflict,
     JournalUnavailable,
+    LogPage,
     SnapshotStore,
     StoredEvent,
     StoredSnapshot,
@@ -30,9 +33,11 @@ from .sqlite import SqliteOptions, SqliteStore
 
 __all__ = [
     "EventData",
+    "EventLogReader",
     "Journal",
     "JournalConflict",
     "JournalUnavailable",
+    "LogPage",
     "MemoryStore",
     "PostgresOptions",
     "PostgresStore",
@@ -46,9 +51,9 @@ __all__ = [
 ]
 
 
-class Store(Journal, SnapshotStore, Protocol):
-    """A journal and snapshot store with the common component lifecycle:
-    ``start()``, idempotent ``close()``, ``wait_closed()``, ``async with``."""
+class Store(Journal, SnapshotStore, EventLogReader, Protocol):
+    """A journal, snapshot store and global event log with the common component
+    lifecycle: ``start()``, idempotent ``close()``, ``wait_closed()``, ``async with``."""
 
     async def __aenter__(self) -> Self:
         """Start the store."""

@@ -50,6 +50,24 @@ class StoredSnapshot:
     written_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class LogPage:
+    """One read of the global event log (see `EventLogReader.read_log`).
+
+    ``events`` are in offset order. ``end_offset`` is where the next read
+    continues: every event matching the read's filter with
+    ``after_offset < global_offset <= end_offset`` is in ``events``, and the
+    log holds no event at or below ``end_offset`` that a later read could
+    still see appear. ``full`` tells whether the page hit its limit; when not,
+    ``end_offset`` is the head of the log as of the read, so the reader has
+    caught up.
+    """
+
+    events: tuple[StoredEvent, ...]
+    end_offset: int
+    full: bool
+
+
 class JournalConflict(Exception):
     """An append found the sequence numbers it wanted already taken.
 
@@ -109,6 +127,41 @@ class Journal(Protocol):
         """Stop accepting appends, flush pending ones, release connections. Idempotent."""
 
     async def wait_closed(self) -> None: ...
+
+
+class EventLogReader(Protocol):
+    """The global event log: every committed event once, in one total order.
+
+    Offsets are assigned in commit order (each backend explains how): when an
+    event with offset ``n`` is visible, every event with a lower offset that
+    will ever be committed is visible too. So a reader that continues from the
+    previous page's ``end_offset`` sees every event exactly once, in an order
+    that agrees with each entity's sequence numbers, and a rolled-back append
+    leaves nothing behind that a reader could wait for.
+    """
+
+    async def read_log(
+        self,
+        after_offset: int,
+        *,
+        persistence_id: str | None = None,
+        entity_id: str | None = None,
+        limit: int = 1000,
+    ) -> LogPage:
+        """Up to ``limit`` committed events with ``global_offset > after_offset``,
+        of ``persistence_id`` (and its ``entity_id``) only when given.
+
+        Raises ValueError for a negative offset, a limit below 1 or an
+        ``entity_id`` without ``persistence_id``; `JournalUnavailable` when the
+        store fails.
+        """
+
+    async def wait_for_log(self, after_offset: int, max_wait: float) -> None:
+        """Return once events above ``after_offset`` may have been committed,
+        or after at most ``max_wait`` seconds. A hint only: the log read is the
+        truth, so callers read again whichever way this returns. Never raises
+        (a store that cannot watch for appends returns after a short poll
+        interval instead)."""
 
 
 class SnapshotStore(Protocol):

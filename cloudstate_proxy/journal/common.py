@@ -32,6 +32,23 @@ def check_append(
     return batch
 
 
+def check_log_read(
+    after_offset: int, persistence_id: str | None, entity_id: str | None, limit: int
+) -> None:
+    """Validate `EventLogReader.read_log` arguments (ValueError: a caller bug
+    or bad client input, not a storage failure)."""
+    if after_offset < 0:
+        raise ValueError(f"after_offset must be >= 0, got {after_offset}")
+    if limit < 1:
+        raise ValueError(f"limit must be >= 1, got {limit}")
+    if entity_id is not None and persistence_id is None:
+        raise ValueError("an entity id needs its persistence id")
+    if persistence_id is not None:
+        check_text("persistence id", persistence_id)
+    if entity_id is not None:
+        check_text("entity id", entity_id)
+
+
 def check_text(what: str, value: str) -> None:
     """Raise ValueError unless ``value`` is storable text (UTF-8, no NUL)."""
     if "\x00" in value:

@@ -7,6 +7,12 @@ queued here and a single writer task, owned by the store, takes whatever has
 accumulated while the previous batch was being written and hands it to the
 backend as one batch. Under load batches grow by themselves, so throughput
 rises without adding latency when the system is idle.
+
+Batches grow only as large as what arrives during one write, though, and a
+fast write makes small batches whose fixed costs (a statement, a commit)
+dominate. So while the writer is backlogged (appends were already waiting when
+its last write ended), it may wait ``gather_time`` seconds for a small batch to
+grow before taking it; a writer that was idle writes at once.
 """
 
 from __future__ import annotations
@@ -68,9 +74,17 @@ class GroupCommitter:
         max_batch_events: int = 8192,
         max_batch_bytes: int = 16 * 1024 * 1024,
         close_timeout: float = 10.0,
+        gather_time: float = 0.0,
+        gather_below: int = 16,
     ) -> None:
         if min(max_batch_size, max_batch_events, max_batch_bytes) < 1:
             raise ValueError("batch limits must be >= 1")
+        if gather_time < 0:
+            raise ValueError("gather_time must be >= 0")
+        # While backlogged, a batch of fewer than gather_below appends waits
+        # gather_time seconds for more (see the module docstring).
+        self._gather_time = gather_time
+        self._gather_below = gather_below
         self._close_timeout = close_timeout
         self._write_batch = write_batch
         self._name = name
@@ -80,6 +94,7 @@ class GroupCommitter:
         self._pending: deque[PendingAppend] = deque()
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         # Counters for metrics and tests: how well appends are being grouped.
         self.batches_written = 0
@@ -88,9 +103,8 @@ class GroupCommitter:
     def start(self) -> None:
         """Start the writer task (on the running loop). Idempotent."""
         if self._task is None and not self._closing:
-            self._task = asyncio.get_running_loop().create_task(
-                self._run(), name=f"{self._name}-writer"
-            )
+            self._loop = asyncio.get_running_loop()
+            self._task = self._loop.create_task(self._run(), name=f"{self._name}-writer")
 
     @property
     def pending_count(self) -> int:
@@ -112,9 +126,9 @@ class GroupCommitter:
         """
         if self._closing:
             raise JournalUnavailable(f"{self._name} is closed")
-        if self._task is None:
+        if self._task is None or self._loop is None:
             raise JournalUnavailable(f"{self._name} is not started")
-        future: asyncio.Future[list[StoredEvent]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[StoredEvent]] = self._loop.create_future()
         self._pending.append(
             PendingAppend(persistence_id, entity_id, expected_seq_nr, events, future)
         )
@@ -142,15 +156,27 @@ class GroupCommitter:
             self._pending.popleft().fail(JournalUnavailable(f"{self._name} closed"))
 
     async def _run(self) -> None:
+        backlogged = False  # appends were waiting when the last write ended
         while True:
+            if backlogged and self._should_gather():
+                await asyncio.sleep(self._gather_time)
             batch = self._take_batch()
             if batch:
                 await self._write_safely(batch)
+                backlogged = bool(self._pending)
             elif self._closing:
                 return
             else:
+                backlogged = False
                 self._wakeup.clear()
                 await self._wakeup.wait()
+
+    def _should_gather(self) -> bool:
+        return (
+            self._gather_time > 0
+            and not self._closing
+            and len(self._pending) < min(self._gather_below, self._max_batch_size)
+        )
 
     def _take_batch(self) -> list[PendingAppend]:
         """The oldest queued appends, within the batch limits; at least one

@@ -14,19 +14,31 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Self
 
-from .base import EventData, JournalConflict, JournalUnavailable, StoredEvent, StoredSnapshot
-from .common import as_utc, check_append
+from .base import (
+    EventData,
+    JournalConflict,
+    JournalUnavailable,
+    LogPage,
+    StoredEvent,
+    StoredSnapshot,
+)
+from .common import as_utc, check_append, check_log_read
+from .log_beacon import LogBeacon
 
 EntityKey = tuple[str, str]
 
 
 @dataclass(slots=True)
 class MemoryData:
-    """The contents of a `MemoryStore`: events and snapshots per entity."""
+    """The contents of a `MemoryStore`: events and snapshots per entity, and
+    the global log (``log[n - 1]`` has offset ``n``). Stores sharing it share
+    the beacon too, so a reader on one hears of appends through another."""
 
     events: dict[EntityKey, dict[int, StoredEvent]] = field(default_factory=dict)
     snapshots: dict[EntityKey, dict[int, StoredSnapshot]] = field(default_factory=dict)
     last_global_offset: int = 0
+    log: list[StoredEvent] = field(default_factory=list)
+    beacon: LogBeacon = field(default_factory=LogBeacon)
 
 
 class MemoryStore:
@@ -93,7 +105,36 @@ class MemoryStore:
                 )
             )
         history.update((event.seq_nr, event) for event in stored)
+        self.data.log.extend(stored)
+        self.data.beacon.advance(self.data.last_global_offset)
         return stored
+
+    async def read_log(
+        self,
+        after_offset: int,
+        *,
+        persistence_id: str | None = None,
+        entity_id: str | None = None,
+        limit: int = 1000,
+    ) -> LogPage:
+        """See `EventLogReader.read_log`. Appends are atomic here, so offsets
+        are in commit order and dense."""
+        check_log_read(after_offset, persistence_id, entity_id, limit)
+        self._check_usable()
+        events: list[StoredEvent] = []
+        for event in self.data.log[after_offset:]:
+            if persistence_id is not None and event.persistence_id != persistence_id:
+                continue
+            if entity_id is not None and event.entity_id != entity_id:
+                continue
+            events.append(event)
+            if len(events) == limit:
+                return LogPage(tuple(events), event.global_offset or after_offset, full=True)
+        return LogPage(tuple(events), max(after_offset, len(self.data.log)), full=False)
+
+    async def wait_for_log(self, after_offset: int, max_wait: float) -> None:
+        """See `EventLogReader.wait_for_log`."""
+        await self.data.beacon.wait(after_offset, max_wait)
 
     async def read_events(
         self,

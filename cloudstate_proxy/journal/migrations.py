@@ -32,10 +32,10 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
         1,
         "event journal and snapshots",
         (
-            # global_offset comes from a sequence, so numbers can become visible
-            # out of order across concurrent transactions; ``tx`` records the
-            # writing transaction so the read side can hold back until every
-            # transaction that might still commit a lower offset has finished.
+            # global_offset came from a sequence here, so numbers could become
+            # visible out of order across concurrent transactions; migration 2
+            # replaces it with commit-ordered allocation. ``tx`` records the
+            # writing transaction (for diagnostics and temporal queries).
             """
             CREATE TABLE event_journal (
                 persistence_id text NOT NULL,
@@ -60,6 +60,38 @@ POSTGRES_MIGRATIONS: tuple[Migration, ...] = (
                 written_at timestamptz NOT NULL DEFAULT now(),
                 PRIMARY KEY (persistence_id, entity_id, seq_nr)
             )
+            """,
+        ),
+    ),
+    Migration(
+        2,
+        "commit-ordered global offsets for the event log",
+        (
+            # Offsets now come from this one-row counter, updated in the same
+            # statement (so the same transaction) that inserts the events: its
+            # row lock makes appending transactions take offsets in commit
+            # order, and a rolled-back append gives its offsets back. See
+            # postgres_log.py for why readers then need no visibility horizon.
+            """
+            CREATE TABLE event_log_head (
+                singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+                last_offset bigint NOT NULL
+            )
+            """,
+            # This ALTER TABLE waits for appends in flight and holds back new
+            # ones until the migration commits, so the max() after it is final.
+            "ALTER TABLE event_journal ALTER COLUMN global_offset DROP IDENTITY",
+            """
+            INSERT INTO event_log_head (last_offset)
+            SELECT coalesce(max(global_offset), 0) FROM event_journal
+            """,
+            # Statistics from the start: unanalysed, the one-row table is
+            # planned as thousands of rows.
+            "ANALYZE event_log_head",
+            # Subscriptions to one persistence id read it in offset order.
+            """
+            CREATE INDEX event_journal_persistence_offset_idx
+            ON event_journal (persistence_id, global_offset)
             """,
         ),
     ),
@@ -104,6 +136,16 @@ SQLITE_MIGRATIONS: tuple[Migration, ...] = (
                 written_at INTEGER NOT NULL,
                 PRIMARY KEY (persistence_id, entity_id, seq_nr)
             )
+            """,
+        ),
+    ),
+    Migration(
+        2,
+        "event log reads by persistence id",
+        (
+            """
+            CREATE INDEX event_journal_persistence_offset_idx
+            ON event_journal (persistence_id, global_offset)
             """,
         ),
     ),

@@ -28,10 +28,26 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
 
-from .base import EventData, JournalConflict, JournalUnavailable, StoredEvent, StoredSnapshot
-from .common import as_utc, check_append, redact_url
+from .base import (
+    EventData,
+    JournalConflict,
+    JournalUnavailable,
+    LogPage,
+    StoredEvent,
+    StoredSnapshot,
+)
+from .common import as_utc, check_append, check_log_read, redact_url
 from .group_commit import GroupCommitter, PendingAppend
+from .log_beacon import LogBeacon
 from .migrations import POSTGRES_MIGRATIONS, POSTGRES_SCHEMA_VERSION_TABLE, pending
+from .postgres_log import (
+    INSERT_EVENTS,
+    READ_ALL,
+    READ_ENTITY,
+    READ_PERSISTENCE_ID,
+    PostgresLogListener,
+    log_page,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +63,6 @@ _CLIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InternalClientError,
 )
 
-_INSERT_EVENTS = """
-INSERT INTO event_journal (persistence_id, entity_id, seq_nr, type_url, payload)
-SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bytea[])
-RETURNING persistence_id, entity_id, seq_nr, global_offset, written_at
-"""
-
 _SELECT_EVENTS = """
 SELECT seq_nr, type_url, payload, written_at, global_offset FROM event_journal
 WHERE persistence_id = $1 AND entity_id = $2 AND seq_nr >= $3 AND seq_nr <= $4
@@ -64,9 +74,9 @@ _SELECT_HIGHEST = """
 SELECT max(seq_nr) FROM event_journal WHERE persistence_id = $1 AND entity_id = $2
 """
 
-_UPSERT_SNAPSHOT = """
+_UPSERT_SNAPSHOTS = """
 INSERT INTO snapshots (persistence_id, entity_id, seq_nr, type_url, payload)
-VALUES ($1, $2, $3, $4, $5)
+SELECT * FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::bytea[])
 ON CONFLICT (persistence_id, entity_id, seq_nr) DO UPDATE
 SET type_url = EXCLUDED.type_url, payload = EXCLUDED.payload, written_at = EXCLUDED.written_at
 """
@@ -95,10 +105,16 @@ class PostgresOptions:
     max_batch_size: int = 512
     max_batch_events: int = 8192
     max_batch_bytes: int = 16 * 1024 * 1024
+    # Seconds a backlogged writer waits for a small batch to grow (0: never;
+    # see group_commit.py): fewer statements and commits for a little latency.
+    batch_gather_time: float = 0.001
     # Rows fetched per round trip by `read_events`.
     read_page_size: int = 1000
     # Seconds `close` waits for pending appends and in-use connections.
     close_timeout: float = 10.0
+    # Seconds between event log polls of a waiting reader while the LISTEN
+    # connection is down (otherwise NOTIFY wakes it).
+    log_poll_interval: float = 0.5
     # Shown in pg_stat_activity unless the URL sets application_name itself.
     application_name: str = "cloudstate-proxy"
 
@@ -108,12 +124,14 @@ class PostgresOptions:
                 f"need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1, got "
                 f"{self.min_pool_size}..{self.max_pool_size}"
             )
-        for name in ("connect_timeout", "command_timeout", "close_timeout"):
+        for name in ("connect_timeout", "command_timeout", "close_timeout", "log_poll_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
         for name in ("max_batch_size", "max_batch_events", "max_batch_bytes", "read_page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.batch_gather_time < 0:
+            raise ValueError("batch_gather_time must be >= 0")
 
     @classmethod
     def split_url(cls, url: str) -> tuple[str, PostgresOptions]:
@@ -158,7 +176,22 @@ class PostgresStore:
             max_batch_events=self.options.max_batch_events,
             max_batch_bytes=self.options.max_batch_bytes,
             close_timeout=self.options.close_timeout,
+            gather_time=self.options.batch_gather_time,
         )
+        # Snapshots are batched too (one statement and commit per batch): one
+        # command in five or so saves one, as many as there are event batches.
+        self._snapshot_writer = GroupCommitter(
+            self._write_snapshots,
+            name="postgres snapshots",
+            max_batch_size=self.options.max_batch_size,
+            max_batch_bytes=self.options.max_batch_bytes,
+            close_timeout=self.options.close_timeout,
+            gather_time=self.options.batch_gather_time,
+        )
+        self._log_beacon = LogBeacon()
+        self._listener = PostgresLogListener(dsn, self._log_beacon, self.options)
+        # Connections the two writer tasks keep between batches (see _connection).
+        self._held: dict[str, Any] = {}
         self._start_lock = asyncio.Lock()
         self._close_started = False
         self._closed = asyncio.Event()
@@ -168,6 +201,11 @@ class PostgresStore:
         """A store for ``url``; query parameters naming `PostgresOptions` fields set them."""
         dsn, options = PostgresOptions.split_url(url)
         return cls(dsn, options)
+
+    @property
+    def log_listener_connected(self) -> bool:
+        """Whether NOTIFY wakes waiting log readers now (else they poll)."""
+        return self._listener.connected
 
     @property
     def committer(self) -> GroupCommitter:
@@ -196,6 +234,7 @@ class PostgresStore:
                 pool.terminate()
                 raise
             self._committer.start()
+            self._snapshot_writer.start()
 
     async def close(self) -> None:
         """Stop accepting appends, write the pending ones, close the pool. Idempotent."""
@@ -205,7 +244,13 @@ class PostgresStore:
         self._close_started = True
         try:
             await self._committer.close()
+            await self._snapshot_writer.close()
+            await self._listener.close()
             if self._pool is not None:
+                for conn in self._held.values():  # the writers are done with them
+                    with contextlib.suppress(Exception):
+                        await self._pool.release(conn)
+                self._held.clear()
                 await self._close_pool(self._pool)
         finally:
             self._closed.set()
@@ -224,7 +269,18 @@ class PostgresStore:
 
     async def _create_pool(self) -> asyncpg.Pool:
         opts = self.options
-        settings = {}
+        # An append blocked on the event log counter must see the committed
+        # counter once it gets the lock (READ COMMITTED re-reads the row); under
+        # a stricter database default it would fail with a serialization error.
+        # Every read here walks an index in order up to a LIMIT. With stale
+        # statistics (a new persistence id, a bulk load) the planner may expect
+        # a few rows and fetch the whole range as a bitmap, then sort it: a
+        # catch-up would read O(n) rows per page. JIT never pays off here either.
+        settings = {
+            "default_transaction_isolation": "read committed",
+            "enable_bitmapscan": "off",
+            "jit": "off",
+        }
         if "application_name" not in urlsplit(self._dsn).query:
             settings["application_name"] = opts.application_name
         try:
@@ -320,21 +376,45 @@ class PostgresStore:
             highest: int | None = await conn.fetchval(_SELECT_HIGHEST, persistence_id, entity_id)
         return highest or 0
 
+    # -- the global event log ----------------------------------------------------
+
+    async def read_log(
+        self,
+        after_offset: int,
+        *,
+        persistence_id: str | None = None,
+        entity_id: str | None = None,
+        limit: int = 1000,
+    ) -> LogPage:
+        """See `EventLogReader.read_log` (and postgres_log.py for why it is safe)."""
+        check_log_read(after_offset, persistence_id, entity_id, limit)
+        args: tuple[object, ...]
+        if persistence_id is None:
+            query, args = READ_ALL, (after_offset, limit)
+        elif entity_id is None:
+            query, args = READ_PERSISTENCE_ID, (after_offset, limit, persistence_id)
+        else:
+            query, args = READ_ENTITY, (after_offset, limit, persistence_id, entity_id)
+        async with self._connection("reading the event log") as conn:
+            rows = await conn.fetch(query, *args)
+        return log_page(rows, after_offset, limit)
+
+    async def wait_for_log(self, after_offset: int, max_wait: float) -> None:
+        """See `EventLogReader.wait_for_log`: woken by this store's own appends
+        and by NOTIFY from every other writer; polls while LISTEN is down."""
+        self._listener.ensure_started()
+        if not self._listener.connected:
+            max_wait = min(max_wait, self.options.log_poll_interval)
+        await self._log_beacon.wait(after_offset, max_wait)
+
     # -- snapshots -----------------------------------------------------------
 
     async def save_snapshot(
         self, persistence_id: str, entity_id: str, seq_nr: int, snapshot: EventData
     ) -> None:
-        """See `SnapshotStore.save_snapshot`; a second save at ``seq_nr`` replaces the first."""
-        async with self._connection("saving a snapshot") as conn:
-            await conn.execute(
-                _UPSERT_SNAPSHOT,
-                persistence_id,
-                entity_id,
-                seq_nr,
-                snapshot.type_url,
-                snapshot.payload,
-            )
+        """See `SnapshotStore.save_snapshot`; a second save at ``seq_nr`` replaces the
+        first. Concurrent saves share a statement (see `_write_snapshots`)."""
+        await self._snapshot_writer.submit(persistence_id, entity_id, seq_nr, (snapshot,))
 
     async def load_snapshot(
         self,
@@ -357,9 +437,13 @@ class PostgresStore:
 
     @asynccontextmanager
     async def _connection(
-        self, action: str, *, raw_data_errors: bool = False
+        self, action: str, *, raw_data_errors: bool = False, hold: str | None = None
     ) -> AsyncIterator[Any]:
         """A pooled connection; translates driver errors raised while it is in use.
+
+        With ``hold`` (the name of a writer task, which runs one batch at a
+        time) the connection stays with that writer between batches while it
+        works: the pool's acquire and release cost more than a small batch.
 
         With ``raw_data_errors`` the errors Postgres raises about the data of a
         statement (see `_is_data_error`, e.g. a unique violation) pass through
@@ -370,15 +454,14 @@ class PostgresStore:
         pool = self._pool
         if pool is None:
             raise JournalUnavailable("Postgres journal is not started")
-        try:
-            conn = await pool.acquire(timeout=self.options.connect_timeout)
-        except (*_CLIENT_ERRORS, asyncpg.PostgresError) as exc:
-            raise _unavailable(f"{action} (connecting)", exc) from exc
+        conn = await self._acquire(pool, action, hold)
+        keep = hold is not None
         try:
             yield conn
         except asyncpg.PostgresError as exc:
             if raw_data_errors and _is_data_error(exc):
-                raise
+                raise  # the connection is fine: only the data was rejected
+            keep = False
             raise _unavailable(action, exc) from exc
         except _CLIENT_ERRORS as exc:
             conn.terminate()
@@ -386,9 +469,28 @@ class PostgresStore:
         except asyncio.CancelledError:
             conn.terminate()
             raise
+        except BaseException:
+            keep = False
+            raise
         finally:
+            if keep and hold is not None and not conn.is_closed() and not self._close_started:
+                self._held[hold] = conn
+            else:
+                with contextlib.suppress(Exception):
+                    await pool.release(conn)
+
+    async def _acquire(self, pool: asyncpg.Pool, action: str, hold: str | None) -> Any:
+        """``hold``'s kept connection if it is still open, else one from the pool."""
+        conn = self._held.pop(hold, None) if hold is not None else None
+        if conn is not None and not conn.is_closed():
+            return conn
+        if conn is not None:  # the server ended it, say
             with contextlib.suppress(Exception):
                 await pool.release(conn)
+        try:
+            return await pool.acquire(timeout=self.options.connect_timeout)
+        except (*_CLIENT_ERRORS, asyncpg.PostgresError) as exc:
+            raise _unavailable(f"{action} (connecting)", exc) from exc
 
     async def _insert(self, batch: list[PendingAppend]) -> list[Any]:
         """Insert all events of ``batch`` in one statement (one transaction).
@@ -406,8 +508,12 @@ class PostgresStore:
         # order and cannot deadlock.
         rows.sort(key=lambda row: row[:3])
         columns = [list(column) for column in zip(*rows, strict=True)]
-        async with self._connection("appending events", raw_data_errors=True) as conn:
-            written: list[Any] = await conn.fetch(_INSERT_EVENTS, *columns)
+        async with self._connection(
+            "appending events", raw_data_errors=True, hold="events"
+        ) as conn:
+            written: list[Any] = await conn.fetch(INSERT_EVENTS, *columns)
+        # Committed: readers following the log on this proxy need no NOTIFY.
+        self._log_beacon.advance(max(row[3] for row in written))
         return written
 
     async def _write_batch(self, batch: list[PendingAppend]) -> None:
@@ -444,6 +550,45 @@ class PostgresStore:
                 return
             else:
                 _settle([append], rows)
+
+    async def _write_snapshots(self, batch: list[PendingAppend]) -> None:
+        """The snapshot writer's batches: each `PendingAppend` holds one snapshot,
+        its ``expected_seq_nr`` being the snapshot's sequence number."""
+        try:
+            await self._upsert_snapshots(batch)
+        except asyncpg.PostgresError:
+            # Rejected data (rare): find out whose, as `_write_batch` does.
+            for index, append in enumerate(batch):
+                try:
+                    await self._upsert_snapshots([append])
+                except asyncpg.PostgresError as exc:
+                    append.fail(_unavailable("saving a snapshot", exc))
+                except JournalUnavailable as exc:
+                    _fail_all(batch[index:], exc)
+                    return
+        except JournalUnavailable as exc:
+            _fail_all(batch, exc)
+
+    async def _upsert_snapshots(self, batch: list[PendingAppend]) -> None:
+        # One row per key, the latest save winning: an upsert cannot touch a row
+        # twice in one statement. Key order, as in `_insert`, against deadlocks.
+        latest = {
+            (a.persistence_id, a.entity_id, a.expected_seq_nr): a.events[0]
+            for a in batch
+            if not a.settled  # withdrawn by a cancelled caller
+        }
+        rows = sorted(
+            (*key, snapshot.type_url, snapshot.payload) for key, snapshot in latest.items()
+        )
+        if rows:
+            columns = [list(column) for column in zip(*rows, strict=True)]
+            hold = "snapshots"
+            async with self._connection(
+                "saving snapshots", raw_data_errors=True, hold=hold
+            ) as conn:
+                await conn.execute(_UPSERT_SNAPSHOTS, *columns)
+        for append in batch:
+            append.succeed([])
 
 
 async def _keep_session(conn: Any) -> None:

@@ -10,6 +10,13 @@ Concurrent appends are grouped (see `GroupCommitter`): a batch is one
 transaction with one savepoint per append, so an append whose sequence
 numbers are taken rolls back alone and the others still commit together -
 one fsync for the whole batch.
+
+The global event log needs no visibility horizon here: a batch takes its
+offsets as ``max(global_offset) + 1 ...`` while holding SQLite's write lock,
+which it keeps until COMMIT, so offsets are assigned in commit order and a
+rolled-back batch gives its numbers back. Every snapshot therefore sees a
+prefix ``1 .. max(global_offset)`` of the final log, and `read_log` reads
+the head and the page in one read transaction (one snapshot).
 """
 
 from __future__ import annotations
@@ -23,9 +30,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Self, TypeVar, TypeVarTuple
 
-from .base import EventData, JournalConflict, JournalUnavailable, StoredEvent, StoredSnapshot
-from .common import check_append, from_micros, to_micros
+from .base import (
+    EventData,
+    JournalConflict,
+    JournalUnavailable,
+    LogPage,
+    StoredEvent,
+    StoredSnapshot,
+)
+from .common import check_append, check_log_read, from_micros, to_micros
 from .group_commit import GroupCommitter, PendingAppend
+from .log_beacon import LogBeacon
 from .migrations import SQLITE_MIGRATIONS, SQLITE_SCHEMA_VERSION_TABLE, pending
 
 _MAX_SEQ_NR = 2**63 - 1
@@ -45,6 +60,15 @@ WHERE persistence_id = ? AND entity_id = ? AND seq_nr >= ? AND seq_nr <= ?
 ORDER BY seq_nr
 LIMIT ?
 """
+
+_LOG_COLUMNS = """
+SELECT persistence_id, entity_id, seq_nr, type_url, payload, written_at, global_offset
+FROM event_journal WHERE global_offset > ? AND global_offset <= ?
+"""
+_READ_LOG = _LOG_COLUMNS + "ORDER BY global_offset LIMIT ?"
+_READ_LOG_PERSISTENCE_ID = _LOG_COLUMNS + "AND persistence_id = ? ORDER BY global_offset LIMIT ?"
+# An entity's sequence order is its offset order; the primary key serves it.
+_READ_LOG_ENTITY = _LOG_COLUMNS + "AND persistence_id = ? AND entity_id = ? ORDER BY seq_nr LIMIT ?"
 
 _UPSERT_SNAPSHOT = """
 INSERT INTO snapshots (persistence_id, entity_id, seq_nr, type_url, payload, written_at)
@@ -73,9 +97,13 @@ class SqliteOptions:
     read_page_size: int = 1000
     # Seconds `close` waits for pending appends to be written.
     close_timeout: float = 10.0
+    # Seconds between event log polls of a waiting reader: this store hears of
+    # its own appends at once, but not of other processes' (a CLI following a
+    # proxy's file).
+    log_poll_interval: float = 0.25
 
     def __post_init__(self) -> None:
-        if self.busy_timeout < 0 or self.close_timeout <= 0:
+        if self.busy_timeout < 0 or self.close_timeout <= 0 or self.log_poll_interval <= 0:
             raise ValueError("timeouts must be positive")
         sizes = (self.max_batch_size, self.max_batch_events, self.max_batch_bytes)
         if min(*sizes, self.read_page_size) < 1:
@@ -110,6 +138,7 @@ class SqliteStore:
             max_batch_bytes=self.options.max_batch_bytes,
             close_timeout=self.options.close_timeout,
         )
+        self._log_beacon = LogBeacon()
         self._start_lock = asyncio.Lock()
         self._close_started = False
         self._closed = asyncio.Event()
@@ -217,6 +246,34 @@ class SqliteStore:
         highest: int | None = rows[0][0]
         return highest or 0
 
+    # -- the global event log ----------------------------------------------------
+
+    async def read_log(
+        self,
+        after_offset: int,
+        *,
+        persistence_id: str | None = None,
+        entity_id: str | None = None,
+        limit: int = 1000,
+    ) -> LogPage:
+        """See `EventLogReader.read_log`."""
+        check_log_read(after_offset, persistence_id, entity_id, limit)
+        head, rows = await self._call(
+            self._read_log, after_offset, persistence_id, entity_id, limit
+        )
+        events = tuple(
+            StoredEvent(pid, eid, seq_nr, type_url, payload, from_micros(written_at), offset)
+            for pid, eid, seq_nr, type_url, payload, written_at, offset in rows
+        )
+        if len(events) >= limit:
+            return LogPage(events, events[-1].global_offset or after_offset, full=True)
+        return LogPage(events, max(after_offset, head), full=False)
+
+    async def wait_for_log(self, after_offset: int, max_wait: float) -> None:
+        """See `EventLogReader.wait_for_log`: woken by this store's appends,
+        polling for other processes' every ``log_poll_interval`` seconds."""
+        await self._log_beacon.wait(after_offset, min(max_wait, self.options.log_poll_interval))
+
     # -- snapshots -----------------------------------------------------------
 
     async def save_snapshot(
@@ -256,6 +313,7 @@ class SqliteStore:
                 append.fail(outcome)
                 continue
             first_offset, written_at = outcome
+            self._log_beacon.advance(first_offset + len(append.events) - 1)
             when = from_micros(written_at)
             append.succeed(
                 [
@@ -316,6 +374,28 @@ class SqliteStore:
 
     def _fetch_all(self, sql: str, args: tuple[object, ...]) -> list[Any]:
         return self._connection().execute(sql, args).fetchall()
+
+    def _read_log(
+        self, after_offset: int, persistence_id: str | None, entity_id: str | None, limit: int
+    ) -> tuple[int, list[Any]]:
+        """The log's head and the page after ``after_offset``, from one snapshot."""
+        conn = self._connection()
+        conn.execute("BEGIN")  # deferred: a read transaction, one WAL snapshot
+        try:
+            (head,) = conn.execute(
+                "SELECT coalesce(max(global_offset), 0) FROM event_journal"
+            ).fetchone()
+            args: tuple[object, ...]
+            if persistence_id is None:
+                query, args = _READ_LOG, (after_offset, head, limit)
+            elif entity_id is None:
+                query, args = _READ_LOG_PERSISTENCE_ID, (after_offset, head, persistence_id, limit)
+            else:
+                args = (after_offset, head, persistence_id, entity_id, limit)
+                query = _READ_LOG_ENTITY
+            return head, conn.execute(query, args).fetchall()
+        finally:
+            conn.execute("COMMIT")
 
     def _execute_committed(self, sql: str, args: tuple[object, ...]) -> None:
         self._connection().execute(sql, args)  # autocommit: durable on return

@@ -134,3 +134,38 @@ async def test_close_gives_up_on_a_stuck_writer(
     await committer.close()  # close_timeout is 1s
     results = await asyncio.gather(*pending, return_exceptions=True)
     assert all(isinstance(r, JournalUnavailable) for r in results)
+
+
+async def test_an_idle_writer_writes_at_once(backend: ScriptedBackend) -> None:
+    committer = GroupCommitter(backend.write_batch, name="test", gather_time=60.0)
+    committer.start()
+    try:
+        async with asyncio.timeout(5):  # far less than gather_time
+            assert len(await committer.submit("p", "alone", 0, EVENT)) == 1
+    finally:
+        await committer.close()
+    assert backend.batches == [["alone"]]
+
+
+async def test_a_backlogged_writer_lets_a_small_batch_grow(backend: ScriptedBackend) -> None:
+    committer = GroupCommitter(backend.write_batch, name="test", gather_time=1.0)
+    committer.start()
+    try:
+        backend.hold.clear()
+        first = asyncio.create_task(committer.submit("p", "first", 0, EVENT))
+        await eventually(lambda: _written(backend, [["first"]]))
+        waiting = asyncio.create_task(committer.submit("p", "waiting", 0, EVENT))
+        await asyncio.sleep(0)  # queued while the first batch is being written
+        backend.hold.set()
+        await first
+        # The writer was backlogged when the first write ended: it is gathering
+        # now instead of writing "waiting" alone, so a later append joins it.
+        late = asyncio.create_task(committer.submit("p", "late", 0, EVENT))
+        await asyncio.gather(waiting, late)
+    finally:
+        await committer.close()
+    assert backend.batches == [["first"], ["waiting", "late"]]
+
+
+async def _written(backend: ScriptedBackend, batches: list[list[str]]) -> None:
+    assert backend.batches == batches

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cloudstate_proxy.journal import EventData, JournalUnavailable
+from cloudstate_proxy.journal.migrations import SQLITE_MIGRATIONS
 from cloudstate_proxy.journal.sqlite import SqliteStore
 
 pytestmark = pytest.mark.timeout(60)
@@ -25,7 +26,8 @@ async def test_creates_parent_directories_and_uses_wal(tmp_path: Path) -> None:
     assert path.exists()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        versions = conn.execute("SELECT version FROM schema_version ORDER BY version")
+        assert [v for (v,) in versions] == [m.version for m in SQLITE_MIGRATIONS]
 
 
 async def test_concurrent_appends_share_transactions(tmp_path: Path) -> None:
