@@ -3,9 +3,10 @@
 Start-up order: open the event store, connect to the user function, discover
 its services, start the entity manager, join the cluster (unless membership is
 ``none``: serve the peer port, register, follow membership), and only then bind
-the client port (readiness follows discovery). Shutdown runs the other way
-round: leave the cluster (deregister and hand entities to the other members),
-report NOT_SERVING and stop accepting calls, drain the in-flight ones, close
+the client port and, when enabled, the HTTP/JSON port (readiness follows
+discovery). Shutdown runs the other way round: leave the cluster (deregister
+and hand entities to the other members), report NOT_SERVING and stop accepting
+calls on both ports, drain the in-flight ones, close
 the peer port, close the entity manager, then the cluster's channels and
 membership, flush and close the store, close the user-function channel.
 
@@ -28,6 +29,7 @@ from .config import ProxyConfig
 from .discovery import Discovered, discover, user_function_channel
 from .entity.manager import EntityManager
 from .frontdoor import FrontDoor
+from .httpjson import HttpJsonServer
 from .journal import Store, open_store
 from .journal.common import redact_url
 from .readside import EventLogService
@@ -53,6 +55,7 @@ class ProxyApp:
         self._manager: EntityManager | None = None
         self._cluster: ClusterNode | None = None
         self._frontdoor: FrontDoor | None = None
+        self._http_json: HttpJsonServer | None = None
         self._event_log: EventLogService | None = None
         self._started = False
         self._closing: asyncio.Task[None] | None = None
@@ -64,6 +67,13 @@ class ProxyApp:
         if self._frontdoor is None:
             raise RuntimeError("the proxy is not serving")
         return self._frontdoor.port
+
+    @property
+    def http_json_port(self) -> int:
+        """The bound HTTP/JSON port; only with ``--http-json-port``."""
+        if self._http_json is None:
+            raise RuntimeError("the proxy does not serve HTTP/JSON")
+        return self._http_json.port
 
     @property
     def peer_port(self) -> int:
@@ -129,6 +139,15 @@ class ProxyApp:
             config.server,
             services=[self._event_log],
         )
+        http_json = config.http_json_options()
+        if http_json is not None:
+            # The same router: HTTP/JSON requests route exactly like gRPC calls.
+            # Bound first, so that gRPC health SERVING means both ports serve.
+            self._http_json = HttpJsonServer(
+                registry, router if router is not None else self._manager, http_json
+            )
+            await self._http_json.start()
+            log.info("serving HTTP/JSON on %s", self._http_json.address)
         await self._frontdoor.start()
         log.info(
             "serving %s on %s (user function at %s, journal %s)",
@@ -166,8 +185,13 @@ class ProxyApp:
                 # Live subscriptions never finish by themselves: end them now
                 # rather than let them hold the front door's drain to its timeout.
                 self._event_log.close()
+            # Both doors drain their in-flight requests at the same time.
+            doors = []
             if self._frontdoor is not None:
-                await _step("stop the front door", self._frontdoor.close())
+                doors.append(_step("stop the front door", self._frontdoor.close()))
+            if self._http_json is not None:
+                doors.append(_step("stop the HTTP/JSON server", self._http_json.close()))
+            await asyncio.gather(*doors)
             if self._cluster is not None:
                 await _step("close the peer port", self._cluster.stop_serving())
             if self._manager is not None:

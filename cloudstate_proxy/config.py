@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from .cluster.member import check_node_id, parse_address
 from .entity.model import EntitySettings
+from .httpjson.options import HttpJsonOptions
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 LOG_FORMATS = ("text", "json")
@@ -195,6 +196,17 @@ SETTINGS: Mapping[str, Setting] = {
         ("--http-port", "--port"), "HTTP_PORT", "9000",
         "client port serving the user's services over gRPC (0 picks a free port)",
         _integer, _port,
+    ),
+    "http_json_port": Setting(
+        ("--http-json-port",), "HTTP_JSON_PORT", None,
+        "port serving the user's services as HTTP/JSON (their google.api.http rules; "
+        "POST /<service>/<method> for methods without one); 0 picks a free port",
+        _integer, _port, help_default="disabled", metavar="PORT",
+    ),
+    "http_json_host": Setting(
+        ("--http-json-host",), "HTTP_JSON_HOST", None,
+        "address the HTTP/JSON port binds to", help_default="the --host address",
+        metavar="HOST",
     ),
     "state_dir": Setting(
         ("--state-dir",), "STATE_DIR", ".state",
@@ -441,6 +453,21 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpJsonConfig:
+    """The HTTP/JSON port beside the gRPC client port (`cloudstate_proxy.httpjson`):
+    ``port`` None disables it, an empty ``host`` means the client port's host."""
+
+    port: int | None = None
+    host: str = ""
+
+    def __post_init__(self) -> None:
+        names = {"port": "http_json_port"} if self.port is not None else {}
+        if self.host:
+            names["host"] = "http_json_host"
+        _validate(self, names)
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConfig:
     """Everything the proxy needs to run; build it with `load_config` or in code.
 
@@ -452,6 +479,7 @@ class ProxyConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     entities: EntityConfig = field(default_factory=EntityConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    http_json: HttpJsonConfig = field(default_factory=HttpJsonConfig)
     state_dir: Path = Path(".state")
     journal_url: str = ""
     log_level: str = "info"
@@ -490,6 +518,18 @@ class ProxyConfig:
     def membership_url(self) -> str:
         """The database of the membership table: ``--membership-url``, else the journal."""
         return self.cluster.membership_url or self.journal_url
+
+    def http_json_options(self) -> HttpJsonOptions | None:
+        """The HTTP/JSON server's settings, or None when it is disabled. It
+        shares the client port's message size limit and shutdown timeout."""
+        if self.http_json.port is None:
+            return None
+        return HttpJsonOptions(
+            host=self.http_json.host or self.server.host,
+            port=self.http_json.port,
+            max_body_size=self.server.max_message_size,
+            shutdown_timeout=self.server.shutdown_timeout,
+        )
 
     def entity_settings(self) -> EntitySettings:
         """The entity manager's limits."""
@@ -553,6 +593,7 @@ def _assemble(v: Mapping[str, Any]) -> ProxyConfig:
             max_instances=v["max_entities"],
             recovery_timeout=v["recovery_timeout"],
         ),
+        http_json=HttpJsonConfig(v["http_json_port"], v["http_json_host"] or ""),
         cluster=ClusterConfig(
             membership=v["membership"],
             node_id=v["node_id"] or "",

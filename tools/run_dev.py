@@ -2,7 +2,8 @@
 
 Starts both as real processes, waits until the proxy serves, prints how to call
 it, and stops both cleanly on Ctrl-C. Carts live in `.state/journal.db` and
-survive a restart. Ports come from USER_FUNCTION_PORT (8080) and HTTP_PORT (9000).
+survive a restart. Ports come from USER_FUNCTION_PORT (8080), HTTP_PORT (9000, gRPC)
+and HTTP_JSON_PORT (9080, HTTP/JSON).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tools.launch import ROOT, start_proxy, start_user_function, wait_port, wait
 def main() -> int:
     uf_port = int(os.environ.get("USER_FUNCTION_PORT", "8080"))
     port = int(os.environ.get("HTTP_PORT", "9000"))
+    http_json_port = int(os.environ.get("HTTP_JSON_PORT", "9080"))
     state = ROOT / ".state"
     journal = os.environ.get("JOURNAL_URL", f"sqlite://{state / 'journal.db'}")
     logs = state / "logs"
@@ -29,9 +31,11 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         wait_port(uf_port, process=user_function)
-        proxy = start_proxy(uf_port, port, journal, logs)
+        proxy = start_proxy(
+            uf_port, port, journal, logs, extra_args=["--http-json-port", str(http_json_port)]
+        )
         wait_serving(f"127.0.0.1:{port}", process=proxy)
-        print(_banner(port, journal, logs), flush=True)
+        print(_banner(port, http_json_port, journal, logs), flush=True)
         while not stop.wait(0.5):
             for process in (user_function, proxy):
                 if not process.alive():
@@ -45,9 +49,10 @@ def main() -> int:
         user_function.stop()
 
 
-def _banner(port: int, journal: str, logs: Path) -> str:
+def _banner(port: int, http_json_port: int, journal: str, logs: Path) -> str:
     return f"""
-The shopping cart is served on 127.0.0.1:{port} (journal: {journal}; logs: {logs}).
+The shopping cart is served on 127.0.0.1:{port} (gRPC) and 127.0.0.1:{http_json_port}
+(HTTP/JSON); journal: {journal}; logs: {logs}.
 
 Call it with grpcurl (no proto files needed, the proxy serves reflection):
   grpcurl -plaintext \\
@@ -55,6 +60,12 @@ Call it with grpcurl (no proto files needed, the proxy serves reflection):
       127.0.0.1:{port} com.example.shoppingcart.ShoppingCart/AddItem
   grpcurl -plaintext -d '{{"user_id": "alice"}}' \\
       127.0.0.1:{port} com.example.shoppingcart.ShoppingCart/GetCart
+
+with curl (HTTP/JSON):
+  curl -X POST -H 'Content-Type: application/json' \\
+      -d '{{"productId": "apple", "name": "Apple", "quantity": 2}}' \\
+      http://127.0.0.1:{http_json_port}/cart/alice/items/add
+  curl http://127.0.0.1:{http_json_port}/carts/alice
 
 or with the example client:
   .venv/bin/python -m examples.shoppingcart.client --target 127.0.0.1:{port} add alice apple Apple 2
