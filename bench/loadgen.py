@@ -12,9 +12,11 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import grpc
+
+from bench.cpu import CpuMeter
 
 
 @dataclass(frozen=True)
@@ -29,6 +31,9 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     p999_ms: float
+    # Microseconds of CPU per successful call, by process (see bench/cpu.py);
+    # "machine" is the busy time of all cores, whoever used it.
+    cpu_us_per_call: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -50,13 +55,14 @@ async def run_load(
     seconds: float,
     warmup: float = 1.0,
     call_timeout: float = 10.0,
+    meter: CpuMeter | None = None,
 ) -> LoadResult:
     """Drive ``method`` at ``target`` with ``clients`` concurrent loops.
 
     Client i sends requests[i], requests[i + clients], ... in turn, so with
     len(requests) entities every entity gets traffic and no two clients share
     an entity's turn at once more than the spread allows. Calls that start
-    during ``warmup`` are not counted.
+    during ``warmup`` are not counted; ``meter`` measures CPU over the same window.
     """
     options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
     channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(4)]
@@ -70,6 +76,10 @@ async def run_load(
         start = time.perf_counter()
         measure_from = start + warmup
         stop_at = measure_from + seconds
+        if meter is not None:
+            loop = asyncio.get_running_loop()
+            loop.call_later(warmup, meter.start)
+            loop.call_later(warmup + seconds, meter.stop)
 
         async def client(index: int) -> None:
             call: Callable[..., object] = calls[index % len(calls)]
@@ -93,6 +103,7 @@ async def run_load(
 
         await asyncio.gather(*(client(i) for i in range(clients)))
         latencies.sort()
+        cpu = meter.seconds() if meter is not None else {}
         return LoadResult(
             name=name,
             clients=clients,
@@ -104,6 +115,7 @@ async def run_load(
             p50_ms=percentile(latencies, 0.50) * 1000,
             p99_ms=percentile(latencies, 0.99) * 1000,
             p999_ms=percentile(latencies, 0.999) * 1000,
+            cpu_us_per_call={k: v / len(latencies) * 1e6 for k, v in cpu.items() if latencies},
         )
     finally:
         for ch in channels:

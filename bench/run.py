@@ -4,9 +4,13 @@ Measures, with the same generator and in the same run:
   1. echo      - a bare grpc.aio server (the transport ceiling);
   2. storage   - a raw asyncpg loop inserting one event row per transaction
                  (the storage ceiling for per-command commits);
-  3. proxy     - the shopping cart behind `cloudstate-proxy serve` on Postgres:
+  3. protocol  - bench/protocol_ceiling.py in front of the cart user function:
+                 one handle stream per entity, no journal, no logic (what any
+                 proxy speaking this protocol through grpc.aio could reach);
+  4. proxy     - the shopping cart behind `cloudstate-proxy serve` on Postgres:
                  AddItem commands from N clients over M carts.
-Writes bench/results/<timestamp>.json and the table in bench/README.md.
+Each run also measures the CPU time every process spends per call (bench/cpu.py).
+Writes bench/results/<timestamp>.json and the tables in bench/README.md.
 Environment: DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test),
 BENCH_CLIENTS (64), BENCH_ENTITIES (1000), BENCH_SECONDS (15).
 """
@@ -14,6 +18,7 @@ BENCH_CLIENTS (64), BENCH_ENTITIES (1000), BENCH_SECONDS (15).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import platform
@@ -26,6 +31,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from bench.cpu import MACHINE, CpuMeter, pids_named
 from bench.loadgen import LoadResult, percentile, run_load
 from examples.shoppingcart import domain_pb2, shoppingcart_pb2
 from tools.launch import (
@@ -78,6 +84,8 @@ async def storage_ceiling(url: str, clients: int, seconds: float) -> LoadResult:
         " payload bytea, written_at timestamptz DEFAULT now(), PRIMARY KEY (pid, eid, seq))"
     )
     latencies: list[float] = []
+    meter = CpuMeter({"generator": _this_process, "postgres": _postgres})
+    meter.start()
     stop_at = time.perf_counter() + seconds
 
     async def worker(index: int) -> None:
@@ -98,9 +106,11 @@ async def storage_ceiling(url: str, clients: int, seconds: float) -> LoadResult:
 
     try:
         await asyncio.gather(*(worker(i) for i in range(clients)))
+        meter.stop()
     finally:
         await pool.close()
     latencies.sort()
+    cpu = meter.seconds()
     return LoadResult(
         name="storage ceiling (asyncpg, 1 insert/tx)",
         clients=clients,
@@ -112,7 +122,18 @@ async def storage_ceiling(url: str, clients: int, seconds: float) -> LoadResult:
         p50_ms=percentile(latencies, 0.5) * 1000,
         p99_ms=percentile(latencies, 0.99) * 1000,
         p999_ms=percentile(latencies, 0.999) * 1000,
+        cpu_us_per_call={k: v / len(latencies) * 1e6 for k, v in cpu.items() if latencies},
     )
+
+
+def _this_process() -> list[int]:
+    return [os.getpid()]
+
+
+def _postgres() -> list[int]:
+    # Every process of a Postgres server on this machine (none when it runs
+    # elsewhere); other databases' work in the window counts too.
+    return pids_named("postgres")
 
 
 async def echo_ceiling(requests: list[bytes], clients: int, seconds: float) -> LoadResult:
@@ -130,9 +151,39 @@ async def echo_ceiling(requests: list[bytes], clients: int, seconds: float) -> L
             requests,
             clients,
             seconds,
+            meter=CpuMeter({"generator": _this_process, "server": lambda: [server.pid]}),
         )
     finally:
         server.stop()
+
+
+async def protocol_ceiling(requests: list[bytes], clients: int, seconds: float) -> LoadResult:
+    uf_port, port = free_port(), free_port()
+    logs = Path(tempfile.mkdtemp(prefix="bench-"))
+    user_function = start_user_function("examples.shoppingcart", uf_port, logs)
+    args = [sys.executable, "-m", "bench.protocol_ceiling", str(port), str(uf_port)]
+    server = ManagedProcess("protocol ceiling", args, logs / "protocol-ceiling.log")
+    try:
+        wait_port(uf_port, process=user_function)
+        server.start()
+        wait_port(port, process=server)
+        groups = {
+            "generator": _this_process,
+            "server": lambda: [server.pid],
+            "user function": lambda: [user_function.pid],
+        }
+        return await run_load(
+            "protocol ceiling (handle streams, no journal, no logic)",
+            f"127.0.0.1:{port}",
+            ADD_ITEM,
+            requests,
+            clients,
+            seconds,
+            meter=CpuMeter(groups),
+        )
+    finally:
+        server.stop()
+        user_function.stop()
 
 
 async def proxy_load(
@@ -146,6 +197,12 @@ async def proxy_load(
         wait_port(uf_port, process=user_function)
         proxy = start_proxy(uf_port, port, journal_url, logs, extra_args=["--log-level", "WARNING"])
         wait_serving(f"127.0.0.1:{port}", process=proxy)
+        groups = {
+            "generator": _this_process,
+            "server": lambda: [proxy.pid] if proxy is not None else [],
+            "user function": lambda: [user_function.pid],
+            "postgres": _postgres,
+        }
         return await run_load(
             "proxy: shopping cart AddItem on Postgres",
             f"127.0.0.1:{port}",
@@ -153,6 +210,7 @@ async def proxy_load(
             requests,
             clients,
             seconds,
+            meter=CpuMeter(groups),
         )
     finally:
         if proxy is not None:
@@ -186,6 +244,30 @@ def table(results: list[LoadResult], echo: LoadResult) -> str:
     return "\n".join(rows)
 
 
+_CPU_COLUMNS = ("generator", "server", "user function", "postgres")
+
+
+def cpu_table(results: list[LoadResult]) -> str:
+    """Microseconds of CPU per call by process; "everything else" is the rest of
+    the machine's busy time in the window (other work on a shared machine)."""
+    rows = [
+        "| run | generator | server (echo or proxy) | user function | postgres"
+        " | everything else | machine busy (cores) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        cpu = r.cpu_us_per_call
+        cells = [f"{cpu[k]:.0f}" if k in cpu else "-" for k in _CPU_COLUMNS]
+        machine_us = cpu.get(MACHINE)
+        if machine_us is None:
+            rest = cores = "-"
+        else:
+            rest = f"{machine_us - sum(cpu.get(k, 0.0) for k in _CPU_COLUMNS):.0f}"
+            cores = f"{machine_us * r.per_second / 1e6:.2f}"
+        rows.append(f"| {r.name} | {' | '.join(cells)} | {rest} | {cores} |")
+    return "\n".join(rows)
+
+
 def write_readme(text: str) -> None:
     readme = BENCH / "README.md"
     content = readme.read_text()
@@ -201,23 +283,34 @@ async def main() -> None:
     entities = int(os.environ.get("BENCH_ENTITIES", "1000"))
     seconds = float(os.environ.get("BENCH_SECONDS", "15"))
     requests = cart_requests(entities)
+    # The generator's own collector settings, as the servers it drives use.
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 100)
     echo = await echo_ceiling(requests, clients, seconds)
     print(echo)
     storage = await storage_ceiling(await fresh_database(admin_url), clients, seconds)
     print(storage)
+    protocol = await protocol_ceiling(requests, clients, seconds)
+    print(protocol)
     proxy = await proxy_load(await fresh_database(admin_url), requests, clients, seconds)
     print(proxy)
-    results = [echo, storage, proxy]
+    results = [echo, storage, protocol, proxy]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    record = {"when": stamp, "machine": machine(), "results": [r.as_dict() for r in results]}
+    record = {
+        "when": stamp,
+        "machine": machine(),
+        "results": [r.as_dict() for r in results],
+    }
     out = BENCH / "results" / f"{stamp}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     m = machine()
     text = (
         f"Run {stamp} on {m['cpus']} CPUs ({m['cpu_model']}), Python {m['python']}; "
-        f"proxy, user function, Postgres and generator on the same machine. "
-        f"Raw data: `bench/results/{out.name}`.\n\n{table(results, echo)}"
+        f"proxy, user function, Postgres and generator on the same machine; "
+        f"{seconds:g} s timed per run after 1 s of warm-up. "
+        f"Raw data: `bench/results/{out.name}`.\n\n{table(results, echo)}\n\n"
+        f"CPU time per call (µs) by process, in the same windows:\n\n{cpu_table(results)}"
     )
     write_readme(text)
     print(text)

@@ -203,7 +203,7 @@ class EntityInstance(Generic[S]):
         def apply(state: S, event: object) -> S:
             nonlocal copied
             if not copied:
-                state, copied = copy.deepcopy(state), True
+                state, copied = _clone(state), True
             return self._entity.apply_event(state, event)
 
         return apply
@@ -283,6 +283,15 @@ class EntityInstance(Generic[S]):
     @property
     def _where(self) -> str:
         return f"{self._entity.service_name} entity {self._entity_id!r}"
+
+
+def _clone(state: S) -> S:
+    """A deep copy; for a protobuf message without `copy.deepcopy`'s dispatch."""
+    if isinstance(state, Message):
+        clone = type(state)()
+        clone.CopyFrom(state)
+        return clone
+    return copy.deepcopy(state)
 
 
 def _loop_running() -> bool:

@@ -24,6 +24,7 @@ __all__ = [
     "PayloadError",
     "is_payload_type",
     "pack",
+    "pack_into",
     "type_key",
     "unpack",
     "unpack_as",
@@ -110,6 +111,16 @@ def pack(value: object) -> any_pb2.Any:
             data = wrapper(value=value).SerializeToString()  # type: ignore[arg-type]
             return any_pb2.Any(type_url=PRIMITIVE_PREFIX + kind, value=data)
     raise PayloadError(f"cannot encode a {type(value).__qualname__} as a payload")
+
+
+def pack_into(target: any_pb2.Any, value: object) -> None:
+    """Encode a message or primitive into ``target`` (a field of a message being
+    built), which saves `pack`'s copy of a fresh `Any`."""
+    if isinstance(value, Message):
+        target.type_url = TYPE_URL_PREFIX + value.DESCRIPTOR.full_name
+        target.value = value.SerializeToString()
+    else:
+        target.CopyFrom(pack(value))
 
 
 def unpack(payload: any_pb2.Any, classes: Mapping[str, type[Message]] | None = None) -> Payload:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -33,6 +34,19 @@ logger = logging.getLogger(__name__)
 
 _DISCOVERY = entity_pb2.DESCRIPTOR.services_by_name["EntityDiscovery"].full_name
 _EVENT_SOURCED = event_sourced_pb2.DESCRIPTOR.services_by_name["EventSourced"].full_name
+
+# Calls gRPC accepted but the server loop has not taken yet, at most. Every
+# live entity is one stream: a proxy recovering or activating thousands of
+# entities at once opens them in a burst, and over the default (1,000) gRPC
+# fails the excess with INTERNAL.
+_MAX_PENDING_CALLS = 100_000
+_GRPC_OPTIONS = (
+    # Without this gRPC sets SO_REUSEPORT, and two servers could silently
+    # share one port instead of the second failing to bind.
+    ("grpc.so_reuseport", 0),
+    ("grpc.server.max_pending_requests", _MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", _MAX_PENDING_CALLS),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +105,7 @@ class UserFunctionServer:
         """Bind and start serving; `OSError` when the address cannot be bound."""
         if self._closed or self._server is not None:
             raise RuntimeError("a UserFunctionServer can only be started once")
-        # Without this gRPC sets SO_REUSEPORT, and two servers could silently
-        # share one port instead of the second failing to bind.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=list(_GRPC_OPTIONS))
         server.add_generic_rpc_handlers(self._handlers())
         address = _address(self._host, self._requested_port)
         try:
@@ -175,14 +187,13 @@ class UserFunctionServer:
         logger.error("the proxy reports an error in this user function: %s", error.message)
         return empty_pb2.Empty()
 
-    async def _handle(
-        self, requests: AsyncIterator[StreamIn], context: Any
-    ) -> AsyncIterator[StreamOut]:
-        # aclosing: when gRPC cancels the RPC, the inner generator is closed
-        # here and now, not whenever the garbage collector finalizes it.
+    async def _handle(self, requests: AsyncIterator[StreamIn], context: Any) -> None:
+        # Writing through the context rather than re-yielding saves a generator
+        # step per reply. aclosing: when gRPC cancels the RPC, the generator is
+        # closed here and now, not whenever the garbage collector finalizes it.
         async with contextlib.aclosing(EventSourcedStream(self._entities).run(requests)) as out:
             async for message in out:
-                yield message
+                await context.write(message)
 
 
 def serve(
@@ -194,7 +205,8 @@ def serve(
 ) -> None:
     """Serve `entities` until SIGINT or SIGTERM, then stop cleanly (blocking).
 
-    Uses uvloop when it is installed.
+    Uses uvloop when it is installed, and tunes the garbage collector for a
+    long-running server once started (see `_steady_state_gc`).
     """
     server = UserFunctionServer(entities, host, port, options=options)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
@@ -205,6 +217,7 @@ async def _serve_until_signalled(server: UserFunctionServer) -> None:
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
     async with server:
+        _steady_state_gc()
         for signum in signals:
             loop.add_signal_handler(signum, _on_signal, server, signum)
         try:
@@ -212,6 +225,18 @@ async def _serve_until_signalled(server: UserFunctionServer) -> None:
         finally:
             for signum in signals:
                 loop.remove_signal_handler(signum)
+
+
+def _steady_state_gc() -> None:
+    """`serve` owns the process: collect cyclic garbage less often once serving.
+
+    What start-up built (descriptors, entities, the server) is frozen, so no
+    collection traverses it again, and collections run every 10,000 net
+    allocations instead of 700 (a command allocates hundreds of objects, and
+    full collections over every live entity paused the loop for tens of ms).
+    """
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 100)
 
 
 def _on_signal(server: UserFunctionServer, signum: int) -> None:

@@ -21,7 +21,7 @@ from .context import Metadata
 from .entity import EventSourcedEntity
 from .errors import ProtocolError, RecoveryError
 from .instance import CommandFailure, CommandResult, EntityInstance
-from .payloads import PayloadError, pack, unpack, unpack_as
+from .payloads import PayloadError, pack_into, unpack, unpack_as
 
 __all__ = ["EventSourcedStream"]
 
@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 StreamIn = event_sourced_pb2.EventSourcedStreamIn
 StreamOut = event_sourced_pb2.EventSourcedStreamOut
+
+_NO_METADATA = Metadata()
 
 
 class EventSourcedStream:
@@ -126,6 +128,8 @@ class EventSourcedStream:
 
 
 def _metadata(metadata: entity_pb2.Metadata) -> Metadata:
+    if not metadata.entries:  # the usual case: proxies send none
+        return _NO_METADATA
     entries: list[tuple[str, str | bytes]] = []
     for entry in metadata.entries:
         if entry.WhichOneof("value") == "bytes_value":
@@ -136,7 +140,11 @@ def _metadata(metadata: entity_pb2.Metadata) -> Metadata:
 
 
 def _reply(result: CommandResult) -> StreamOut:
-    reply = event_sourced_pb2.EventSourcedReply(command_id=result.command_id)
+    # Built in place (runs once per command): passing sub-messages to
+    # constructors or CopyFrom would copy each of them.
+    out = StreamOut()
+    reply = out.reply
+    reply.command_id = result.command_id
     action = reply.client_action
     if result.failure is not None:
         action.failure.command_id = result.command_id
@@ -145,20 +153,21 @@ def _reply(result: CommandResult) -> StreamOut:
     elif result.forward is not None:
         action.forward.service_name = result.forward.service_name
         action.forward.command_name = result.forward.command_name
-        action.forward.payload.CopyFrom(pack(result.forward.message))
+        pack_into(action.forward.payload, result.forward.message)
     else:
-        action.reply.payload.CopyFrom(pack(result.reply))
+        pack_into(action.reply.payload, result.reply)
     for effect in result.side_effects:
-        reply.side_effects.add(
+        added = reply.side_effects.add(
             service_name=effect.service_name,
             command_name=effect.command_name,
-            payload=pack(effect.message),
             synchronous=effect.synchronous,
         )
-    reply.events.extend(pack(event) for event in result.events)
+        pack_into(added.payload, effect.message)
+    for event in result.events:
+        pack_into(reply.events.add(), event)
     if result.snapshot is not None:
-        reply.snapshot.CopyFrom(pack(result.snapshot))
-    return StreamOut(reply=reply)
+        pack_into(reply.snapshot, result.snapshot)
+    return out
 
 
 def _stream_failure(command_id: int, description: str) -> StreamOut:

@@ -44,23 +44,29 @@ def init_message(
 
 
 def event_message(sequence: int, type_url: str, payload: bytes) -> StreamIn:
-    event = event_sourced_pb2.EventSourcedEvent(
-        sequence=sequence, payload=any_pb2.Any(type_url=type_url, value=payload)
-    )
-    return StreamIn(event=event)
+    message = StreamIn()
+    event = message.event
+    event.sequence = sequence
+    event.payload.type_url = type_url
+    event.payload.value = payload
+    return message
 
 
 def command_message(
     entity_id: str, command_id: int, name: str, type_url: str, value: bytes
 ) -> StreamIn:
     """A command as the protocol wants it: no metadata, ``streamed`` false."""
-    command = entity_pb2.Command(
-        entity_id=entity_id,
-        id=command_id,
-        name=name,
-        payload=any_pb2.Any(type_url=type_url, value=value),
-    )
-    return StreamIn(command=command)
+    # Filled in place: passing sub-messages to constructors copies them (this
+    # runs once per command).
+    message = StreamIn()
+    command = message.command
+    command.entity_id = entity_id
+    command.id = command_id
+    command.name = name
+    payload = command.payload
+    payload.type_url = type_url
+    payload.value = value
+    return message
 
 
 def decode_out(message: StreamOut) -> CommandOutcome | StreamFailure:
@@ -75,16 +81,16 @@ def decode_out(message: StreamOut) -> CommandOutcome | StreamFailure:
 
 
 def _decode_reply(reply: event_sourced_pb2.EventSourcedReply) -> CommandOutcome:
+    # Runs once per command: empty repeated fields skip building tuples.
+    side_effects = reply.side_effects
+    events = reply.events
+    snapshot = reply.snapshot if reply.HasField("snapshot") else None
     return CommandOutcome(
-        command_id=reply.command_id,
-        action=_decode_action(reply.client_action),
-        side_effects=tuple(_decode_side_effect(s) for s in reply.side_effects),
-        events=tuple(EventData(e.type_url, e.value) for e in reply.events),
-        snapshot=(
-            EventData(reply.snapshot.type_url, reply.snapshot.value)
-            if reply.HasField("snapshot")
-            else None
-        ),
+        reply.command_id,
+        _decode_action(reply.client_action),
+        tuple([_decode_side_effect(s) for s in side_effects]) if side_effects else (),
+        tuple([EventData(e.type_url, e.value) for e in events]) if events else (),
+        EventData(snapshot.type_url, snapshot.value) if snapshot is not None else None,
     )
 
 
@@ -103,6 +109,8 @@ def _decode_action(action: entity_pb2.ClientAction) -> ClientAction:
     if kind == "reply":
         reply = action.reply
         payload = _payload(reply.payload) if reply.HasField("payload") else None
+        if not reply.HasField("metadata"):
+            return ReplyAction(payload)
         return ReplyAction(payload, decode_metadata(reply.metadata))
     # No client action at all: Cloudstate SDKs send this for a command handler
     # that returned nothing; the client gets an empty message.

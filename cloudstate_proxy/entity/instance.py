@@ -139,15 +139,20 @@ class EntityInstance:
 
     __slots__ = (
         "_ctx",
+        "_idle_by",
         "_idle_timeout",
         "_next_id",
+        "_overdue",
         "_phase",
         "_queue",
+        "_reply_by",
         "_seq",
         "_stop",
         "_stream",
         "_task",
         "_wakeup",
+        "_watch_at",
+        "_watchdog",
         "entity_id",
         "persistence_id",
         "service",
@@ -175,8 +180,16 @@ class EntityInstance:
         self._stream: EntityStream | None = None
         self._seq = 0  # highest sequence number the user function has seen
         self._next_id = 1
-        self._wakeup: asyncio.Future[None] | None = None
+        # Resolved True by new work or a stop request, False by the idle timeout.
+        self._wakeup: asyncio.Future[bool] | None = None
         self._task: asyncio.Task[None] | None = None
+        # One self-rearming timer bounds both the idle wait and the wait for a
+        # reply, so that no command pays for a timer of its own (see _watch).
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watch_at = 0.0
+        self._idle_by: float | None = None  # set while waiting for work
+        self._reply_by: float | None = None  # set while waiting for a reply
+        self._overdue = False  # the watchdog cancelled the stream: no reply in time
 
     def __repr__(self) -> str:
         return f"<EntityInstance {self} {self._phase.value}>"
@@ -243,7 +256,44 @@ class EntityInstance:
     def _wake(self) -> None:
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
-            wakeup.set_result(None)
+            wakeup.set_result(True)
+
+    def _arm(self, deadline: float) -> None:
+        """Have the watchdog run at ``deadline`` at the latest.
+
+        Deadlines mostly move forward (now + a timeout), so the timer set once
+        stays where it is and is only moved when it fires early (see _watch).
+        """
+        watchdog = self._watchdog
+        if watchdog is not None:
+            if self._watch_at <= deadline:
+                return
+            watchdog.cancel()
+        self._watch_at = deadline
+        self._watchdog = self._ctx.loop.call_at(deadline, self._watch)
+
+    def _watch(self) -> None:
+        """The watchdog: end an overdue wait, or re-arm for the next deadline."""
+        self._watchdog = None
+        now = self._ctx.loop.time()
+        reply_by, idle_by = self._reply_by, self._idle_by
+        if reply_by is not None and now >= reply_by:
+            # Cancelling the call ends the pending read with StreamBroken, and
+            # the instance would cancel the stream on the way out anyway.
+            self._overdue = True
+            if self._stream is not None:
+                self._stream.cancel()
+        elif idle_by is not None and now >= idle_by:
+            wakeup = self._wakeup
+            if wakeup is not None and not wakeup.done():
+                wakeup.set_result(False)
+        elif reply_by is not None or idle_by is not None:
+            self._arm(min(d for d in (reply_by, idle_by) if d is not None))
+
+    def _disarm(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
 
     # -- the instance's task --------------------------------------------------
 
@@ -271,6 +321,7 @@ class EntityInstance:
             self._abandon_stream()
             self._fail_queued(Internal(f"the proxy failed while running entity {self}"))
         finally:
+            self._disarm()
             self._phase = Phase.STOPPED
             leftover = list(self._queue)
             self._queue.clear()
@@ -339,15 +390,16 @@ class EntityInstance:
 
     async def _wait_for_work(self) -> bool:
         """Wait for a command or a stop request; False when the idle timeout passed."""
-        self._wakeup = wakeup = self._ctx.loop.create_future()
+        loop = self._ctx.loop
+        self._idle_by = idle_by = loop.time() + self._idle_timeout
+        self._arm(idle_by)
+        self._wakeup = wakeup = loop.create_future()
         try:
-            async with asyncio.timeout(self._idle_timeout):
-                await wakeup
-        except TimeoutError:
-            return bool(self._queue)  # a command raced the timeout
+            woken = await wakeup
         finally:
             self._wakeup = None
-        return True
+            self._idle_by = None
+        return woken or bool(self._queue)  # a command may have raced the timeout
 
     async def _handle(self, pending: PendingCommand) -> None:
         try:
@@ -406,14 +458,17 @@ class EntityInstance:
         return received
 
     async def _receive(self, stream: EntityStream, limit: float) -> CommandOutcome | StreamFailure:
+        self._reply_by = reply_by = self._ctx.loop.time() + limit
+        self._arm(reply_by)
         try:
-            async with asyncio.timeout(limit):
-                return await stream.receive()
+            return await stream.receive()
         except StreamBroken as exc:
+            if self._overdue:
+                message = f"the user function did not answer a command for {self} in {limit:.1f}s"
+                raise _Fatal(EntityFailed(message)) from None
             raise _Fatal(EntityFailed(f"entity {self}: {exc}")) from None
-        except TimeoutError:
-            message = f"the user function did not answer a command for {self} in {limit:.1f}s"
-            raise _Fatal(EntityFailed(message)) from None
+        finally:
+            self._reply_by = None
 
     def _reply_limit(self, pending: PendingCommand) -> float:
         limit = self._ctx.command_timeout

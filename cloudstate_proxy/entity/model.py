@@ -72,7 +72,8 @@ class EntitySettings:
     # Commands waiting per entity beyond the one in flight; more get RESOURCE_EXHAUSTED.
     queue_size: int = 100
     # Live instances at most; the least recently used is passivated to make room.
-    max_instances: int = 100_000
+    # Each costs ~35 KB here and ~25 KB in a Python user function.
+    max_instances: int = 10_000
     # Idle timeout (seconds) for services whose discovery named none.
     default_passivation: float = 30.0
     # How long recovery (init + replay) may take before the instance is failed.

@@ -71,6 +71,13 @@ class EntityStream:
             message = await self._call.read()
         except grpc.aio.AioRpcError as exc:
             raise StreamBroken(_describe(exc)) from None
+        except asyncio.CancelledError:
+            # grpc.aio raises CancelledError when the call itself was cancelled
+            # (see `cancel`); only a cancellation of our own task is one.
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            raise StreamBroken("the handle stream was cancelled") from None
         if message is grpc.aio.EOF:
             raise StreamBroken("the user function ended the stream")
         try:

@@ -75,3 +75,21 @@ async def test_close_ends_open_streams_within_the_grace_period() -> None:
         with pytest.raises(grpc.aio.AioRpcError) as ended:
             await stream.receive()
         assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_a_burst_of_new_entity_streams_is_served() -> None:
+    # A proxy activating many entities at once opens their streams in a burst;
+    # beyond 1,000 calls pending in gRPC's core, default limits fail the rest.
+    streams = 2500
+    async with asyncio.timeout(60), make_server() as server:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = event_sourced_pb2_grpc.EventSourcedStub(channel)
+
+            async def one(index: int) -> None:
+                stream = HandleStream(stub)
+                await stream.init(TWO, f"e{index}")
+                reply = await stream.command(f"e{index}", 1, "Call", tck.Request(id=f"e{index}"))
+                assert reply.command_id == 1
+                await stream.close()
+
+            await asyncio.gather(*(one(i) for i in range(streams)))

@@ -35,7 +35,7 @@ def test_defaults() -> None:
     assert config.server.max_message_size == 4 * 1024 * 1024
     assert config.state_dir == Path(".state")
     assert config.journal_url == f"sqlite://{Path.cwd()}/.state/journal.db"
-    assert config.entities == EntityConfig(30.0, 100, 100_000, 30.0)
+    assert config.entities == EntityConfig(30.0, 100, 10_000, 30.0)
     assert config.discovery.initial_backoff == 1.0
     assert config.discovery.max_backoff == 10.0
     assert config.log_level == "info"
