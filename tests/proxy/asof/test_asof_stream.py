@@ -20,6 +20,7 @@ from cloudstate_proxy.errors import (
 )
 from examples.tck.eventsourced_pb2 import Persisted, Request, Response
 from tests.proxy.asof.asof_helpers import build_history, minute, query, snapshot_bytes
+from tests.proxy.conftest import StreamEnds
 from tests.proxy.entity.helpers import (
     RESPONSE_URL,
     TCK,
@@ -193,7 +194,9 @@ async def test_user_failure_is_unknown_as_usual(harness: Harness) -> None:
     assert harness.store.log == []
 
 
-async def test_stream_failure_is_unavailable_and_the_stream_cancelled(harness: Harness) -> None:
+async def test_stream_failure_is_unavailable_and_the_stream_cancelled(
+    harness: Harness, stream_ends: StreamEnds
+) -> None:
     manager = await harness.manager()
     call = query(harness, manager, "s", AsOf(seq_nr=0))
     stream = await harness.fake.next_stream()
@@ -203,10 +206,10 @@ async def test_stream_failure_is_unavailable_and_the_stream_cancelled(harness: H
     with pytest.raises(EntityFailed, match="expected 1"):
         await result(call)
     await stream.wait_closed()
-    assert stream.cancelled
+    assert (stream_ends.cancelled, stream_ends.finished) == (1, 0)
 
 
-async def test_deadline_is_honoured(harness: Harness) -> None:
+async def test_deadline_is_honoured(harness: Harness, stream_ends: StreamEnds) -> None:
     manager = await harness.manager()
     call = query(harness, manager, "d", AsOf(seq_nr=0), timeout=1.0)
     stream = await harness.fake.next_stream()
@@ -215,7 +218,7 @@ async def test_deadline_is_honoured(harness: Harness) -> None:
     with pytest.raises(DeadlineExceeded):
         await result(call)
     await stream.wait_closed()
-    assert stream.cancelled
+    assert (stream_ends.cancelled, stream_ends.finished) == (1, 0)
 
 
 async def test_live_instance_is_not_disturbed(harness: Harness) -> None:

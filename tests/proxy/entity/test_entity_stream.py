@@ -16,6 +16,7 @@ from cloudstate_proxy.entity.model import CommandReply, Payload
 from cloudstate_proxy.errors import EntityFailed, Unavailable, UserFailure
 from cloudstate_proxy.journal.base import EventData
 from examples.tck.eventsourced_pb2 import Persisted, Response
+from tests.proxy.conftest import StreamEnds
 from tests.proxy.entity.helpers import (
     PERSISTED_URL,
     REQUEST_URL,
@@ -297,7 +298,9 @@ async def test_stream_ending_is_fatal_for_the_instance(harness: Harness, how: st
     await result(call)
 
 
-async def test_reply_with_the_wrong_command_id_fails_the_instance(harness: Harness) -> None:
+async def test_reply_with_the_wrong_command_id_fails_the_instance(
+    harness: Harness, stream_ends: StreamEnds
+) -> None:
     manager = await harness.manager()
     call = harness.call(manager, "e1")
     stream = await harness.fake.next_stream()
@@ -307,7 +310,7 @@ async def test_reply_with_the_wrong_command_id_fails_the_instance(harness: Harne
     with pytest.raises(EntityFailed, match="protocol error"):
         await result(call)
     await stream.wait_closed()
-    assert stream.cancelled
+    assert (stream_ends.cancelled, stream_ends.finished) == (1, 0)
     assert harness.store.payloads(TCK_PID, "e1") == []
 
     call = harness.call(manager, "e1")
