@@ -1,14 +1,44 @@
-"""Small helpers every journal backend shares: argument checks, time, URLs."""
+"""Small helpers every journal backend shares: lifecycle, argument checks, time, URLs."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Self
 from urllib.parse import urlsplit, urlunsplit
 
 from .base import EventData
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+class StoreLifecycle:
+    """`wait_closed` and ``async with`` for a store whose `close` sets ``_closed``.
+
+    ``async with store`` starts it on entry; on exit it closes it and waits
+    until the close has finished.
+    """
+
+    _closed: asyncio.Event
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        raise NotImplementedError
+
+    async def wait_closed(self) -> None:
+        """Wait until `close` has finished."""
+        await self._closed.wait()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+        await self.wait_closed()
 
 
 def check_append(

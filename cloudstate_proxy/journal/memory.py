@@ -12,7 +12,6 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Self
 
 from .base import (
     EventData,
@@ -22,7 +21,7 @@ from .base import (
     StoredEvent,
     StoredSnapshot,
 )
-from .common import as_utc, check_append, check_log_read
+from .common import StoreLifecycle, as_utc, check_append, check_log_read
 from .log_beacon import LogBeacon
 
 EntityKey = tuple[str, str]
@@ -41,7 +40,7 @@ class MemoryData:
     beacon: LogBeacon = field(default_factory=LogBeacon)
 
 
-class MemoryStore:
+class MemoryStore(StoreLifecycle):
     """`Journal` and `SnapshotStore` kept in dictionaries.
 
     Every operation completes without suspending in between, so appends are
@@ -61,17 +60,6 @@ class MemoryStore:
     async def close(self) -> None:
         """Idempotent; appends have nothing pending, so this only marks the store closed."""
         self._closed.set()
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-        await self.wait_closed()
 
     async def append(
         self,

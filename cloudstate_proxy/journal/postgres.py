@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from datetime import datetime
-from typing import Any, Self
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import asyncpg
@@ -36,7 +36,7 @@ from .base import (
     StoredEvent,
     StoredSnapshot,
 )
-from .common import as_utc, check_append, check_log_read, redact_url
+from .common import StoreLifecycle, as_utc, check_append, check_log_read, redact_url
 from .group_commit import GroupCommitter, PendingAppend
 from .log_beacon import LogBeacon
 from .migrations import POSTGRES_MIGRATIONS, POSTGRES_SCHEMA_VERSION_TABLE, pending
@@ -158,7 +158,7 @@ def _convert(type_name: object, value: str) -> Any:
     return {"int": int, "float": float}.get(str(type_name), str)(value)
 
 
-class PostgresStore:
+class PostgresStore(StoreLifecycle):
     """`Journal` and `SnapshotStore` on Postgres.
 
     Not usable before `start`. ``dsn`` is an asyncpg connection URL; see
@@ -254,18 +254,6 @@ class PostgresStore:
                 await self._close_pool(self._pool)
         finally:
             self._closed.set()
-
-    async def wait_closed(self) -> None:
-        """Wait until `close` has finished."""
-        await self._closed.wait()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-        await self.wait_closed()
 
     async def _create_pool(self) -> asyncpg.Pool:
         opts = self.options

@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Self, TypeVar, TypeVarTuple
+from typing import Any, TypeVar, TypeVarTuple
 
 from .base import (
     EventData,
@@ -38,7 +38,7 @@ from .base import (
     StoredEvent,
     StoredSnapshot,
 )
-from .common import check_append, check_log_read, from_micros, to_micros
+from .common import StoreLifecycle, check_append, check_log_read, from_micros, to_micros
 from .group_commit import GroupCommitter, PendingAppend
 from .log_beacon import LogBeacon
 from .migrations import SQLITE_MIGRATIONS, SQLITE_SCHEMA_VERSION_TABLE, pending
@@ -118,7 +118,7 @@ _Outcome = tuple[int, int] | JournalConflict | JournalUnavailable
 _Append = tuple[str, str, int, tuple[EventData, ...]]
 
 
-class SqliteStore:
+class SqliteStore(StoreLifecycle):
     """`Journal` and `SnapshotStore` in one SQLite file (or ``":memory:"``).
 
     Not usable before `start`, which creates the file, its parent directories
@@ -180,18 +180,6 @@ class SqliteStore:
                 executor.shutdown(wait=False)
         finally:
             self._closed.set()
-
-    async def wait_closed(self) -> None:
-        """Wait until `close` has finished."""
-        await self._closed.wait()
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
-        await self.wait_closed()
 
     # -- journal -------------------------------------------------------------
 

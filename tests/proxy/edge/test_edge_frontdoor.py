@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -31,6 +31,7 @@ from tests.proxy.edge.edge_support import (
     composite_key_file,
     registry_for,
 )
+from tests.support.stub_router import StubRouter, raising, replying
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -38,40 +39,6 @@ ADD_ITEM = f"/{CART_SERVICE}/AddItem"
 GET_CART = f"/{CART_SERVICE}/GetCart"
 EMPTY_URL = "type.googleapis.com/google.protobuf.Empty"
 CART_URL = "type.googleapis.com/com.example.shoppingcart.Cart"
-
-Behaviour = Callable[[EntityCommand], Awaitable[CommandReply]]
-
-
-class StubRouter:
-    """Records commands; answers with ``behaviour`` (default: an empty reply)."""
-
-    def __init__(self) -> None:
-        self.commands: list[EntityCommand] = []
-        self.behaviour: Behaviour = self.empty_reply
-        self.entered = asyncio.Event()
-
-    async def route(self, command: EntityCommand) -> CommandReply:
-        self.commands.append(command)
-        self.entered.set()
-        return await self.behaviour(command)
-
-    @staticmethod
-    async def empty_reply(command: EntityCommand) -> CommandReply:
-        return CommandReply(Payload(EMPTY_URL, b""))
-
-
-def raising(error: BaseException) -> Behaviour:
-    async def behaviour(command: EntityCommand) -> CommandReply:
-        raise error
-
-    return behaviour
-
-
-def replying(reply: CommandReply) -> Behaviour:
-    async def behaviour(command: EntityCommand) -> CommandReply:
-        return reply
-
-    return behaviour
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +12,6 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2, empty_pb2, timestamp_pb2, wrappers_pb2
 
 from cloudstate import entity_key_pb2
-from cloudstate_proxy.entity.model import CommandReply, EntityCommand, Payload
 from cloudstate_proxy.registry import ServiceRegistry
 from examples.shoppingcart import shoppingcart_pb2
 from examples.tck import eventsourced_pb2
@@ -163,41 +161,6 @@ def _rules() -> dict[str, http_pb2.HttpRule | None]:
         ),
         "Plain": None,
     }
-
-
-Behaviour = Callable[[EntityCommand], Awaitable[CommandReply]]
-
-
-class StubRouter:
-    """Records commands; answers with ``behaviour`` (default: an empty reply)."""
-
-    def __init__(self) -> None:
-        self.commands: list[EntityCommand] = []
-        self.behaviour: Behaviour = self.empty_reply
-        self.entered = asyncio.Event()
-
-    async def route(self, command: EntityCommand) -> CommandReply:
-        self.commands.append(command)
-        self.entered.set()
-        return await self.behaviour(command)
-
-    @staticmethod
-    async def empty_reply(command: EntityCommand) -> CommandReply:
-        return CommandReply(Payload(EMPTY_URL, b""))
-
-
-def raising(error: BaseException) -> Behaviour:
-    async def behaviour(command: EntityCommand) -> CommandReply:
-        raise error
-
-    return behaviour
-
-
-def replying(reply: CommandReply) -> Behaviour:
-    async def behaviour(command: EntityCommand) -> CommandReply:
-        return reply
-
-    return behaviour
 
 
 @dataclass

@@ -31,14 +31,12 @@ from tests.proxy.httpjson.httpjson_support import (
     CART_URL,
     EMPTY_URL,
     RawResponse,
-    StubRouter,
     cart_and_tck_registry,
     closed_by_server,
-    raising,
     read_response,
-    replying,
     request,
 )
+from tests.support.stub_router import StubRouter, raising, replying
 
 pytestmark = pytest.mark.timeout(30)
 
