@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import grpc
 
+import h2grpc
 from cloudstate import entity_pb2
 
 from . import __version__
@@ -112,7 +113,7 @@ def user_function_channel(
         ("grpc.initial_reconnect_backoff_ms", max(1, int(discovery.initial_backoff * 1000))),
         ("grpc.max_reconnect_backoff_ms", max(1, int(discovery.max_backoff * 1000))),
     ]
-    return grpc.aio.insecure_channel(user_function.address, options=options)
+    return h2grpc.insecure_channel(user_function.address, options=options)
 
 
 def backoff_delays(initial: float, maximum: float) -> Iterator[float]:

@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
+import h2grpc
 from cloudstate import entity_pb2, event_sourced_pb2
 
 from .discovery import ServiceInfo, check_proxy, entity_spec
@@ -105,7 +106,7 @@ class UserFunctionServer:
         """Bind and start serving; `OSError` when the address cannot be bound."""
         if self._closed or self._server is not None:
             raise RuntimeError("a UserFunctionServer can only be started once")
-        server = grpc.aio.server(options=list(_GRPC_OPTIONS))
+        server = h2grpc.server(options=list(_GRPC_OPTIONS))
         server.add_generic_rpc_handlers(self._handlers())
         address = _address(self._host, self._requested_port)
         try:
