@@ -9,6 +9,7 @@ proxy, or the bare echo server that gives the transport ceiling).
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 
+import h2grpc
 from bench.cpu import CpuMeter
 
 
@@ -37,6 +39,16 @@ class LoadResult:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+def client_stack() -> str:
+    """The generator's gRPC client: ``h2grpc`` (default: the cheapest per call,
+    so the machine's cores go to what is measured) or ``grpcio`` (grpc.aio),
+    chosen with BENCH_CLIENT."""
+    stack = os.environ.get("BENCH_CLIENT", "h2grpc")
+    if stack not in ("h2grpc", "grpcio"):
+        raise SystemExit(f"BENCH_CLIENT must be h2grpc or grpcio, not {stack!r}")
+    return stack
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -65,7 +77,10 @@ async def run_load(
     during ``warmup`` are not counted; ``meter`` measures CPU over the same window.
     """
     options = [("grpc.max_receive_message_length", 16 * 1024 * 1024)]
-    channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(4)]
+    if client_stack() == "grpcio":
+        channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(4)]
+    else:
+        channels = [h2grpc.insecure_channel(target, options=options) for _ in range(4)]
     try:
         calls = [
             ch.unary_unary(method, request_serializer=None, response_deserializer=None)

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 
+import h2grpc
 from cloudstate import event_sourced_pb2
 from examples.shoppingcart import shoppingcart_pb2
 
@@ -84,8 +85,8 @@ class _FrontDoor(grpc.GenericRpcHandler):
 
 
 async def main(port: int, user_function_port: int) -> None:
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{user_function_port}")
-    server = grpc.aio.server(
+    channel = h2grpc.insecure_channel(f"127.0.0.1:{user_function_port}")
+    server = h2grpc.server(
         options=[
             ("grpc.server.max_pending_requests", 100_000),
             ("grpc.server.max_pending_requests_hard_limit", 100_000),

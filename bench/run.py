@@ -44,6 +44,9 @@ from tools.launch import (
 )
 
 BENCH = Path(__file__).resolve().parent
+# The proxy's log level in the proxy run: BENCH_PROXY_LOG=INFO shows, for one,
+# how well the journal grouped appends (logged when the proxy stops).
+_PROXY_LOG_LEVEL = os.environ.get("BENCH_PROXY_LOG", "WARNING")
 ADD_ITEM = "/com.example.shoppingcart.ShoppingCart/AddItem"
 
 
@@ -195,7 +198,9 @@ async def proxy_load(
     proxy = None
     try:
         wait_port(uf_port, process=user_function)
-        proxy = start_proxy(uf_port, port, journal_url, logs, extra_args=["--log-level", "WARNING"])
+        proxy = start_proxy(
+            uf_port, port, journal_url, logs, extra_args=["--log-level", _PROXY_LOG_LEVEL]
+        )
         wait_serving(f"127.0.0.1:{port}", process=proxy)
         groups = {
             "generator": _this_process,

@@ -352,6 +352,9 @@ class ClientCall:
     def on_end(self) -> None:
         if self._code is None:
             self._end(grpc.StatusCode.INTERNAL, "the stream ended without trailers", ())
+        conn, stream = self._conn, self._stream
+        if conn is not None and stream is not None and stream.id in conn.streams:
+            conn.cancel_stream(stream, h2.NO_ERROR)  # the server is done: stop sending
 
     def on_reset(self, code: int | None, reason: str) -> None:
         if self._code is not None:

@@ -381,10 +381,11 @@ class H2Connection(asyncio.Protocol):
             stream.buffer = b""
             self.reset_stream(stream, PROTOCOL_ERROR, "stream ended inside a message")
             return
+        handler = stream.handler
         if stream.local_closed:
             self._forget(stream)
-        if stream.handler is not None:
-            stream.handler.on_end()
+        if handler is not None:
+            handler.on_end()
 
     def _on_window_update(self, stream_id: int, payload: bytes) -> None:
         if len(payload) != 4:
@@ -588,6 +589,10 @@ class H2Connection(asyncio.Protocol):
             self._forget(stream)
 
     def _forget(self, stream: Stream) -> None:
+        # Also drops the stream's reference to its call: call and stream would
+        # otherwise form a cycle that only the garbage collector frees, and
+        # collecting thousands of them at once stalls the loop.
+        stream.handler = None
         self.streams.pop(stream.id, None)
         self.blocked.pop(stream.id, None)
         stream.pending.clear()
@@ -595,12 +600,10 @@ class H2Connection(asyncio.Protocol):
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
-        if stream.unacked and not stream.remote_closed:
-            stream.unacked = 0
 
     def _drop(self, stream: Stream, code: int | None, reason: str) -> None:
+        handler = stream.handler
         self._forget(stream)
-        handler, stream.handler = stream.handler, None
         if handler is not None:
             handler.on_reset(code, reason)
 

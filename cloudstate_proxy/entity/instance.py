@@ -60,7 +60,13 @@ from ..errors import (
     Unavailable,
     UserFailure,
 )
-from ..journal.base import Journal, JournalConflict, JournalUnavailable, SnapshotStore
+from ..journal.base import (
+    EventData,
+    Journal,
+    JournalConflict,
+    JournalUnavailable,
+    SnapshotStore,
+)
 from .effects import EffectRunner
 from .model import CommandReply, EntitySettings, Payload
 from .outcome import CommandOutcome, FailureAction, ForwardAction, ReplyAction, StreamFailure
@@ -415,6 +421,10 @@ class EntityInstance:
             if outcome.events:
                 await self._persist(pending, outcome)
             self._answer(pending, outcome, action)
+            if outcome.events and outcome.snapshot is not None:
+                # After the reply: the client need not wait for a second commit.
+                # Before the next command: snapshots stay in sequence order.
+                await self._save_snapshot(outcome.snapshot)
         except _Drop:
             raise  # it failed the command or passes it on
         except _Fatal as fatal:
@@ -478,7 +488,7 @@ class EntityInstance:
         return limit
 
     async def _persist(self, pending: PendingCommand, outcome: CommandOutcome) -> None:
-        """Append the events atomically, then save the snapshot (at the last event)."""
+        """Append the events atomically."""
         ctx = self._ctx
         try:
             await ctx.journal.append(self.persistence_id, self.entity_id, self._seq, outcome.events)
@@ -492,14 +502,16 @@ class EntityInstance:
             pending.fail(Unavailable(f"the journal did not store the events of {self}: {exc}"))
             raise _Drop(None) from None
         self._seq += len(outcome.events)
-        if outcome.snapshot is not None:
-            try:
-                await ctx.snapshots.save_snapshot(
-                    self.persistence_id, self.entity_id, self._seq, outcome.snapshot
-                )
-            except Exception:
-                # Only recovery time suffers: the events are stored.
-                log.warning("saving a snapshot of %s at %d failed", self, self._seq, exc_info=True)
+
+    async def _save_snapshot(self, snapshot: EventData) -> None:
+        """Save the snapshot at the last event appended."""
+        try:
+            await self._ctx.snapshots.save_snapshot(
+                self.persistence_id, self.entity_id, self._seq, snapshot
+            )
+        except Exception:
+            # Only recovery time suffers: the events are stored.
+            log.warning("saving a snapshot of %s at %d failed", self, self._seq, exc_info=True)
 
     def _answer(
         self, pending: PendingCommand, outcome: CommandOutcome, action: ReplyAction | ForwardAction

@@ -58,10 +58,13 @@ WriteBatch = Callable[[list[PendingAppend]], Awaitable[None]]
 class GroupCommitter:
     """Queues appends and feeds them, in submission order, to one writer task.
 
-    ``write_batch`` is called with 1 to ``max_batch_size`` appends at a time and
-    never concurrently. It must settle every append it is given (result or
-    exception); whatever it leaves unsettled, or all of the batch if it raises,
-    fails with `JournalUnavailable`. The writer task survives every such
+    ``write_batch`` is called with 1 to ``max_batch_size`` appends at a time,
+    by at most ``writers`` tasks at once (each named ``<name>-writer-<i>``): a
+    second writer sends its batch while the first one's result travels back,
+    which hides the round trip and the event loop's delay from the queue. It
+    must settle every append it is given (result or exception); whatever it
+    leaves unsettled, or all of the batch if it raises, fails with
+    `JournalUnavailable`. The writer task survives every such
     failure, so the store recovers once its database does.
     """
 
@@ -76,11 +79,15 @@ class GroupCommitter:
         close_timeout: float = 10.0,
         gather_time: float = 0.0,
         gather_below: int = 16,
+        writers: int = 1,
     ) -> None:
         if min(max_batch_size, max_batch_events, max_batch_bytes) < 1:
             raise ValueError("batch limits must be >= 1")
         if gather_time < 0:
             raise ValueError("gather_time must be >= 0")
+        if writers < 1:
+            raise ValueError("writers must be >= 1")
+        self._writers = writers
         # While backlogged, a batch of fewer than gather_below appends waits
         # gather_time seconds for more (see the module docstring).
         self._gather_time = gather_time
@@ -93,7 +100,7 @@ class GroupCommitter:
         self._max_batch_bytes = max_batch_bytes
         self._pending: deque[PendingAppend] = deque()
         self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
         # Counters for metrics and tests: how well appends are being grouped.
@@ -102,9 +109,12 @@ class GroupCommitter:
 
     def start(self) -> None:
         """Start the writer task (on the running loop). Idempotent."""
-        if self._task is None and not self._closing:
+        if not self._tasks and not self._closing:
             self._loop = asyncio.get_running_loop()
-            self._task = self._loop.create_task(self._run(), name=f"{self._name}-writer")
+            self._tasks = [
+                self._loop.create_task(self._run(), name=f"{self._name}-writer-{index}")
+                for index in range(self._writers)
+            ]
 
     @property
     def pending_count(self) -> int:
@@ -126,7 +136,7 @@ class GroupCommitter:
         """
         if self._closing:
             raise JournalUnavailable(f"{self._name} is closed")
-        if self._task is None or self._loop is None:
+        if not self._tasks or self._loop is None:
             raise JournalUnavailable(f"{self._name} is not started")
         future: asyncio.Future[list[StoredEvent]] = self._loop.create_future()
         self._pending.append(
@@ -143,17 +153,26 @@ class GroupCommitter:
         """
         self._closing = True
         self._wakeup.set()
-        task = self._task
-        if task is not None:
-            done, _ = await asyncio.wait({task}, timeout=self._close_timeout)
-            if not done:
+        tasks = set(self._tasks)
+        if tasks:
+            _, running = await asyncio.wait(tasks, timeout=self._close_timeout)
+            if running:
                 log.warning(
                     "%s: flushing took over %.1fs, abandoning", self._name, self._close_timeout
                 )
-                task.cancel()
-                await asyncio.wait({task})
+                for task in running:
+                    task.cancel()
+                await asyncio.wait(running)
         while self._pending:
             self._pending.popleft().fail(JournalUnavailable(f"{self._name} closed"))
+        if self.batches_written:
+            log.info(
+                "%s: wrote %d appends in %d batches (%.1f per batch)",
+                self._name,
+                self.appends_written,
+                self.batches_written,
+                self.appends_written / self.batches_written,
+            )
 
     async def _run(self) -> None:
         backlogged = False  # appends were waiting when the last write ended

@@ -108,6 +108,10 @@ class PostgresOptions:
     # Seconds a backlogged writer waits for a small batch to grow (0: never;
     # see group_commit.py): fewer statements and commits for a little latency.
     batch_gather_time: float = 0.001
+    # Event batches in flight at once: a second one is sent while the first
+    # one's commit and result travel (commits still happen one at a time, in
+    # offset order: see postgres_log.py).
+    event_writers: int = 2
     # Rows fetched per round trip by `read_events`.
     read_page_size: int = 1000
     # Seconds `close` waits for pending appends and in-use connections.
@@ -132,6 +136,8 @@ class PostgresOptions:
                 raise ValueError(f"{name} must be >= 1")
         if self.batch_gather_time < 0:
             raise ValueError("batch_gather_time must be >= 0")
+        if self.event_writers < 1:
+            raise ValueError("event_writers must be >= 1")
 
     @classmethod
     def split_url(cls, url: str) -> tuple[str, PostgresOptions]:
@@ -177,6 +183,7 @@ class PostgresStore(StoreLifecycle):
             max_batch_bytes=self.options.max_batch_bytes,
             close_timeout=self.options.close_timeout,
             gather_time=self.options.batch_gather_time,
+            writers=self.options.event_writers,
         )
         # Snapshots are batched too (one statement and commit per batch): one
         # command in five or so saves one, as many as there are event batches.
@@ -190,7 +197,8 @@ class PostgresStore(StoreLifecycle):
         )
         self._log_beacon = LogBeacon()
         self._listener = PostgresLogListener(dsn, self._log_beacon, self.options)
-        # Connections the two writer tasks keep between batches (see _connection).
+        # Connections the writer tasks keep between batches, by task name (see
+        # _connection and _writer).
         self._held: dict[str, Any] = {}
         self._start_lock = asyncio.Lock()
         self._close_started = False
@@ -497,7 +505,7 @@ class PostgresStore(StoreLifecycle):
         rows.sort(key=lambda row: row[:3])
         columns = [list(column) for column in zip(*rows, strict=True)]
         async with self._connection(
-            "appending events", raw_data_errors=True, hold="events"
+            "appending events", raw_data_errors=True, hold=_writer()
         ) as conn:
             written: list[Any] = await conn.fetch(INSERT_EVENTS, *columns)
         # Committed: readers following the log on this proxy need no NOTIFY.
@@ -595,6 +603,12 @@ def _is_data_error(exc: asyncpg.PostgresError) -> bool:
 def _unavailable(action: str, exc: BaseException) -> JournalUnavailable:
     detail = str(exc) or type(exc).__name__
     return JournalUnavailable(f"Postgres journal: {action} failed: {detail}")
+
+
+def _writer() -> str:
+    """The name of the calling writer task: each keeps its own connection."""
+    task = asyncio.current_task()
+    return task.get_name() if task is not None else "events"
 
 
 def _fail_all(batch: Sequence[PendingAppend], exc: JournalUnavailable) -> None:
