@@ -106,7 +106,10 @@ class ProxyApp:
         self._store = open_store(config.journal_url)
         await self._store.start()
         self._channel = user_function_channel(
-            config.user_function, config.discovery, config.server.max_message_size
+            config.user_function,
+            config.discovery,
+            config.server.max_message_size,
+            config.server.grpc_stack,
         )
         self._discovered = await discover(
             self._channel,

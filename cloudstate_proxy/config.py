@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from h2grpc.stacks import DEFAULT_STACK, STACKS
+
 from .cluster.member import check_node_id, parse_address
 from .entity.model import EntitySettings
 from .httpjson.options import HttpJsonOptions
@@ -253,6 +255,12 @@ SETTINGS: Mapping[str, Setting] = {
         "on shutdown, how long in-flight requests may take to finish",
         _duration, _positive, metavar="DURATION",
     ),
+    "grpc_stack": Setting(
+        ("--grpc-stack",), "GRPC_STACK", DEFAULT_STACK,
+        "gRPC implementation of the client port and of the user-function channel: "
+        "h2grpc (built in, the fastest here) or grpcio (grpc.aio)",
+        _lower, _one_of(STACKS),
+    ),
     "log_level": Setting(
         ("--log-level",), "LOG_LEVEL", "info",
         "log level: " + ", ".join(LOG_LEVELS), _lower, _one_of(LOG_LEVELS),
@@ -350,6 +358,8 @@ class ServerConfig:
     max_message_size: int = 4 * 1024 * 1024
     # Grace period for in-flight requests when the server stops.
     shutdown_timeout: float = 10.0
+    # The gRPC implementation, for this server and the user-function channel.
+    grpc_stack: str = DEFAULT_STACK
 
     def __post_init__(self) -> None:
         _validate(
@@ -359,6 +369,7 @@ class ServerConfig:
                 "port": "http_port",
                 "max_message_size": "max_message_size",
                 "shutdown_timeout": "shutdown_timeout",
+                "grpc_stack": "grpc_stack",
             },
         )
 
@@ -580,7 +591,11 @@ def _assemble(v: Mapping[str, Any]) -> ProxyConfig:
     return ProxyConfig(
         user_function=UserFunctionConfig(v["user_function_host"], v["user_function_port"]),
         server=ServerConfig(
-            v["host"], v["http_port"], v["max_message_size"], v["shutdown_timeout"]
+            v["host"],
+            v["http_port"],
+            v["max_message_size"],
+            v["shutdown_timeout"],
+            v["grpc_stack"],
         ),
         discovery=DiscoveryConfig(
             proxy_name=v["proxy_name"],

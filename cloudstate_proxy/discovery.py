@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import grpc
 
-import h2grpc
 from cloudstate import entity_pb2
+from h2grpc.stacks import DEFAULT_STACK, make_channel
 
 from . import __version__
 from .config import DiscoveryConfig, UserFunctionConfig
@@ -99,7 +99,10 @@ class Discovered:
 
 
 def user_function_channel(
-    user_function: UserFunctionConfig, discovery: DiscoveryConfig, max_message_size: int
+    user_function: UserFunctionConfig,
+    discovery: DiscoveryConfig,
+    max_message_size: int,
+    grpc_stack: str = DEFAULT_STACK,
 ) -> grpc.aio.Channel:
     """An insecure channel to the user function.
 
@@ -113,7 +116,7 @@ def user_function_channel(
         ("grpc.initial_reconnect_backoff_ms", max(1, int(discovery.initial_backoff * 1000))),
         ("grpc.max_reconnect_backoff_ms", max(1, int(discovery.max_backoff * 1000))),
     ]
-    return h2grpc.insecure_channel(user_function.address, options=options)
+    return make_channel(grpc_stack, user_function.address, options)
 
 
 def backoff_delays(initial: float, maximum: float) -> Iterator[float]:

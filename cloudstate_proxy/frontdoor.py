@@ -29,7 +29,7 @@ from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-import h2grpc
+from h2grpc.stacks import make_server
 
 from .config import ServerConfig
 from .entity.asof import split_as_of
@@ -95,7 +95,7 @@ class FrontDoor:
         self._config = config
         self._services = tuple(services)
         self._health = health.aio.HealthServicer()
-        self._server = h2grpc.server(options=_server_options(config))
+        self._server = make_server(config.grpc_stack, _server_options(config))
         self._port: int | None = None
         self._closing: asyncio.Task[None] | None = None
         self._closed = asyncio.Event()

@@ -47,6 +47,9 @@ _HTTP_STATUS = {
 }
 _USER_AGENT = "h2grpc-python/0.1"
 _DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+# Seconds a new connection may take to send its SETTINGS (a peer that is not
+# an HTTP/2 server never does).
+_SETTINGS_TIMEOUT = 10.0
 
 
 class ClientConnection(h2.H2Connection):
@@ -56,6 +59,13 @@ class ClientConnection(h2.H2Connection):
         super().__init__(channel.max_receive)
         self.channel = channel
         self.next_stream_id = 1
+        # Done when the server's first SETTINGS arrived: until then we do not
+        # know how many streams it allows.
+        self.settled: asyncio.Future[None] = self.loop.create_future()
+
+    def on_settings(self) -> None:
+        if not self.settled.done():
+            self.settled.set_result(None)
 
     def usable(self) -> bool:
         return (
@@ -66,10 +76,13 @@ class ClientConnection(h2.H2Connection):
         )
 
     def on_connection_lost(self) -> None:
-        self.channel.forget(self)
+        if not self.settled.done():
+            self.settled.set_exception(ConnectionResetError("the server closed the connection"))
+            self.settled.exception()  # retrieved: the connecting task reports it
+        self.channel.forget(self, lost=True)
 
     def on_goaway(self) -> None:
-        self.channel.forget(self)
+        self.channel.forget(self, lost=False)
 
 
 class Channel:
@@ -81,7 +94,8 @@ class Channel:
         self._authority = target.removeprefix("dns:///").removeprefix("ipv4:")
         self.max_receive = _limit(settings.get("grpc.max_receive_message_length"))
         self.max_send = _limit(settings.get("grpc.max_send_message_length"))
-        self._connections: list[ClientConnection] = []
+        self._connections: list[ClientConnection] = []  # taking new streams
+        self._live: set[ClientConnection] = set()  # open, draining ones too
         self._connecting: asyncio.Task[ClientConnection] | None = None
         self._closed = False
 
@@ -149,22 +163,35 @@ class Channel:
 
     async def _connect(self) -> ClientConnection:
         loop = asyncio.get_running_loop()
+        conn: ClientConnection | None = None
         try:
             _, conn = await loop.create_connection(
                 lambda: ClientConnection(self), self._host, self._port
             )
-        except OSError as exc:
+            self._live.add(conn)
+            async with asyncio.timeout(_SETTINGS_TIMEOUT):
+                await asyncio.shield(conn.settled)
+        except (OSError, TimeoutError) as exc:
+            if conn is not None:
+                conn.close()
+            reason = (
+                "no HTTP/2 settings from the server"
+                if isinstance(exc, TimeoutError)
+                else (exc.strerror or str(exc))
+            )
             raise _error(
                 grpc.StatusCode.UNAVAILABLE,
                 f"failed to connect to all addresses; last error: {self._host}:{self._port}: "
-                f"{exc.strerror or exc}",
+                f"{reason}",
             ) from None
         self._connections.append(conn)
         return conn
 
-    def forget(self, conn: ClientConnection) -> None:
+    def forget(self, conn: ClientConnection, *, lost: bool) -> None:
         if conn in self._connections:
             self._connections.remove(conn)
+        if lost:
+            self._live.discard(conn)
 
     async def channel_ready(self) -> None:
         await self.connection()
@@ -173,12 +200,13 @@ class Channel:
         self._closed = True
         if self._connecting is not None:
             self._connecting.cancel()
-        for conn in list(self._connections):
+        for conn in list(self._live):
             for stream in list(conn.streams.values()):
                 conn._drop(stream, h2.CANCEL, "the channel was closed")
             conn.goaway()
             conn.close()
         self._connections.clear()
+        self._live.clear()
 
     async def __aenter__(self) -> Channel:
         return self
@@ -201,9 +229,15 @@ class _MultiCallable:
         self._serializer = serializer
         self._deserializer = deserializer
 
-    def _call(self, timeout: float | None, metadata: Any) -> ClientCall:
+    def _call(self, timeout: float | None, metadata: Any, first: Any = None) -> ClientCall:
         return ClientCall(
-            self._channel, self._prefix, self._serializer, self._deserializer, timeout, metadata
+            self._channel,
+            self._prefix,
+            self._serializer,
+            self._deserializer,
+            timeout,
+            metadata,
+            first,
         )
 
 
@@ -211,17 +245,14 @@ class UnaryUnaryMultiCallable(_MultiCallable):
     def __call__(
         self, request: Any, *, timeout: float | None = None, metadata: Any = None, **_: Any
     ) -> UnaryUnaryCall:
-        call = self._call(timeout, metadata)
-        return UnaryUnaryCall(call, request)
+        return UnaryUnaryCall(self._call(timeout, metadata, _Request(request)))
 
 
 class UnaryStreamMultiCallable(_MultiCallable):
     def __call__(
         self, request: Any, *, timeout: float | None = None, metadata: Any = None, **_: Any
     ) -> ClientCall:
-        call = self._call(timeout, metadata)
-        call.send_first(request)
-        return call
+        return self._call(timeout, metadata, _Request(request))
 
 
 class StreamStreamMultiCallable(_MultiCallable):
@@ -242,6 +273,7 @@ class ClientCall:
         deserializer: Callable[[bytes], Any] | None,
         timeout: float | None,
         metadata: Any,
+        first: _Request | None = None,
     ) -> None:
         self._channel = channel
         self._serializer = serializer
@@ -251,9 +283,12 @@ class ClientCall:
         self._stream: h2.Stream | None = None
         self._opening: asyncio.Task[None] | None = None
         self._messages: deque[bytes] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        self._backlog = 0  # bytes in _messages
+        # Tasks waiting for a message or the end, and for the initial metadata.
+        self._waiters: list[asyncio.Future[None]] = []
         self._initial: MetadataPairs | None = None
-        self._initial_waiter: asyncio.Future[None] | None = None
+        self._initial_waiters: list[asyncio.Future[None]] = []
+        self._locally_cancelled = False
         self._code: grpc.StatusCode | None = None
         self._details = ""
         self._trailing: MetadataPairs = ()
@@ -261,13 +296,20 @@ class ClientCall:
         self._half_closed = False
         self._first: bytes | None = None  # a unary request waiting for the stream
         self._timer: asyncio.TimerHandle | None = None
+        self._block = b""
         block = prefix
         try:
             extra = from_metadata(metadata)
         except ValueError as exc:
             self._end(grpc.StatusCode.INTERNAL, str(exc), ())
-            self._block = b""
             return
+        if first is not None:
+            # Checked before the stream opens: a request that cannot be sent
+            # costs the server nothing.
+            self._first = self._serialize(first.message)
+            if self._first is None:
+                return
+            self._half_closed = True
         if timeout is not None:
             extra.append(("grpc-timeout", format_timeout(timeout)))
             self._timer = self._loop.call_later(timeout, self._expire)
@@ -292,12 +334,17 @@ class ClientCall:
 
     async def _open_later(self) -> None:
         try:
-            conn = await self._channel.connection()
+            while self._code is None:
+                await self._channel.connection()
+                # Others waiting for the same connection may have filled it.
+                conn = self._channel.ready_connection()
+                if conn is not None and self._code is None:
+                    self._open(conn)
+                    return
         except grpc.aio.AioRpcError as exc:
             self._end(exc.code(), exc.details() or "", ())
-            return
-        if self._code is None:
-            self._open(conn)
+        except asyncio.CancelledError:
+            self._end(grpc.StatusCode.CANCELLED, "the channel was closed", ())
 
     async def _opened(self) -> bool:
         if self._opening is not None and not self._opening.done():
@@ -308,7 +355,9 @@ class ClientCall:
 
     def on_headers(self, headers: list[tuple[str, str]], end_stream: bool) -> None:
         if self._initial is None:
-            self._initial = to_metadata(headers)
+            # A trailers-only response (END_STREAM on the first headers) has
+            # no initial metadata: what it carries belongs to the status.
+            self._initial = () if end_stream else to_metadata(headers)
             http_status = content_type = None
             for name, value in headers:
                 if name == ":status":
@@ -343,11 +392,14 @@ class ClientCall:
             to_metadata(headers),
         )
 
+    @property
+    def backlog(self) -> int:
+        return self._backlog
+
     def on_message(self, message: bytes) -> None:
         self._messages.append(message)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._backlog += len(message)
+        self._wake()
 
     def on_end(self) -> None:
         if self._code is None:
@@ -385,9 +437,7 @@ class ClientCall:
         if self._initial is None:
             self._initial = ()
         self._wake_initial()
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        self._wake()
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             try:
@@ -395,36 +445,41 @@ class ClientCall:
             except Exception:
                 log.exception("a done callback failed")
 
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
     def _wake_initial(self) -> None:
-        waiter = self._initial_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        waiters, self._initial_waiters = self._initial_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _wait(self) -> None:
+        """Until the next message or the end of the call."""
+        waiter = self._loop.create_future()
+        self._waiters.append(waiter)
+        await waiter
 
     def _expire(self) -> None:
         self._timer = None
         self._fail_stream(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
-    def _error(self) -> grpc.aio.AioRpcError:
+    def _error(self) -> BaseException:
         assert self._code is not None
-        return grpc.aio.AioRpcError(
+        if self._locally_cancelled:
+            return asyncio.CancelledError()  # as grpc.aio raises after cancel()
+        error: BaseException = grpc.aio.AioRpcError(
             self._code,
             grpc.aio.Metadata(*(self._initial or ())),
             grpc.aio.Metadata(*self._trailing),
             self._details,
         )
+        return error
 
     # -- the grpc.aio call API ------------------------------------------------------
-
-    def send_first(self, request: Any) -> None:
-        """The single request of a unary-request call, then half-close."""
-        data = self._serialize(request)
-        if data is None:
-            return
-        self._half_closed = True
-        if self._stream is not None and self._conn is not None:
-            self._conn.send_data(self._stream, h2.grpc_message(data), True)
-        else:
-            self._first = data
 
     def _serialize(self, request: Any) -> bytes | None:
         try:
@@ -471,15 +526,15 @@ class ClientCall:
                 if self._code == _OK:
                     return _EOF
                 raise self._error()
-            self._waiter = self._loop.create_future()
             try:
-                await self._waiter
+                await self._wait()
             except asyncio.CancelledError:
                 self.cancel()
                 raise
-            finally:
-                self._waiter = None
         message = self._messages.popleft()
+        self._backlog -= len(message)
+        if self._conn is not None and self._stream is not None:
+            self._conn.window_consumed(self._stream)
         if self._deserializer is None:
             return message
         try:
@@ -497,6 +552,7 @@ class ClientCall:
             return False
         if self._opening is not None and not self._opening.done():
             self._opening.cancel()
+        self._locally_cancelled = True
         self._fail_stream(grpc.StatusCode.CANCELLED, "Locally cancelled by application!")
         return True
 
@@ -517,11 +573,7 @@ class ClientCall:
 
     async def _wait_done(self) -> None:
         while self._code is None:
-            self._waiter = self._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+            await self._wait()
 
     async def code(self) -> grpc.StatusCode:
         await self._wait_done()
@@ -533,9 +585,10 @@ class ClientCall:
         return self._details
 
     async def initial_metadata(self) -> grpc.aio.Metadata:
-        if self._initial is None:
-            self._initial_waiter = self._loop.create_future()
-            await self._initial_waiter
+        while self._initial is None:
+            waiter = self._loop.create_future()
+            self._initial_waiters.append(waiter)
+            await waiter
         return grpc.aio.Metadata(*(self._initial or ()))
 
     async def trailing_metadata(self) -> grpc.aio.Metadata:
@@ -549,22 +602,30 @@ class ClientCall:
 class UnaryUnaryCall:
     """An awaitable unary call (`await stub.Method(request)` or `.initial_metadata()`)."""
 
-    def __init__(self, call: ClientCall, request: Any) -> None:
+    def __init__(self, call: ClientCall) -> None:
         self._call = call
-        call.send_first(request)
+        self._response: Any = _EOF
 
     def __await__(self) -> Any:
-        return self._response().__await__()
+        return self._result().__await__()
 
-    async def _response(self) -> Any:
+    async def _result(self) -> Any:
         call = self._call
-        response = await call.read()
-        if response is _EOF:
-            raise _error(grpc.StatusCode.INTERNAL, "the server sent no response message")
+        if self._response is _EOF:
+            response = await call.read()
+            if response is _EOF:
+                raise _error(grpc.StatusCode.INTERNAL, "the server sent no response message")
+            self._response = response
         await call._wait_done()
         if call._code != _OK:
             raise call._error()
-        return response
+        return self._response
+
+    def cancelled(self) -> bool:
+        return self._call.cancelled()
+
+    def time_remaining(self) -> float | None:
+        return self._call.time_remaining()
 
     def cancel(self) -> bool:
         return self._call.cancel()
@@ -586,6 +647,15 @@ class UnaryUnaryCall:
 
     async def trailing_metadata(self) -> grpc.aio.Metadata:
         return await self._call.trailing_metadata()
+
+
+class _Request:
+    """The request of a unary-request call (None is a valid message for some serializers)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: Any) -> None:
+        self.message = message
 
 
 def _error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:

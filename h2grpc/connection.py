@@ -68,6 +68,10 @@ class StreamHandler(Protocol):
     def on_end(self) -> None: ...
     def on_reset(self, code: int | None, reason: str) -> None: ...
     def on_bad_message(self, code: grpc.StatusCode, reason: str) -> None: ...
+    @property
+    def backlog(self) -> int:
+        """Bytes of received messages not yet read by the application."""
+        ...
 
 
 class Stream:
@@ -277,11 +281,10 @@ class H2Connection(asyncio.Protocol):
             return
         stream.unacked += size
         end = bool(flags & END_STREAM)
-        if not end and stream.unacked >= STREAM_WINDOW // 2:
-            self.emit(frame(WINDOW_UPDATE, 0, stream_id, _U32.pack(stream.unacked)))
-            stream.unacked = 0
         if payload and not stream.discard:
             self._messages(stream, payload)
+        if not end:
+            self.window_consumed(stream)
         if end and stream.id in self.streams:
             self._remote_end(stream)
 
@@ -314,6 +317,19 @@ class H2Connection(asyncio.Protocol):
             if stream.discard or stream.id not in self.streams:
                 return
         stream.buffer = data[pos:] if pos < end else b""
+
+    def window_consumed(self, stream: Stream) -> None:
+        """Hand the peer back the window of what was received, unless the
+        stream's reader has fallen behind (then its reads call this again):
+        a reader that stops reading stops the sender within one window."""
+        if stream.unacked < STREAM_WINDOW // 2 or stream.remote_closed:
+            return
+        handler = stream.handler
+        if handler is not None and handler.backlog >= STREAM_WINDOW // 2:
+            return
+        if stream.id in self.streams:
+            self.emit(frame(WINDOW_UPDATE, 0, stream.id, _U32.pack(stream.unacked)))
+        stream.unacked = 0
 
     def _bad_message(self, stream: Stream, code: grpc.StatusCode, reason: str) -> None:
         """Stop reading a stream's messages; its call ends with ``code``."""
@@ -356,6 +372,8 @@ class H2Connection(asyncio.Protocol):
         end_stream = bool(flags & END_STREAM)
         stream = self.streams.get(stream_id)
         if stream is None:
+            if not self.is_client and stream_id % 2 == 0:
+                raise ConnectionError_(PROTOCOL_ERROR, f"client stream with even id {stream_id}")
             if self._is_local(stream_id) or stream_id <= self.last_peer_stream:
                 # A late frame for a stream we already closed.
                 self.emit(frame(RST_STREAM, 0, stream_id, _U32.pack(STREAM_CLOSED)))
@@ -438,6 +456,10 @@ class H2Connection(asyncio.Protocol):
                 raise ConnectionError_(PROTOCOL_ERROR, "invalid ENABLE_PUSH")
         self.emit(frame(SETTINGS, ACK, 0))
         self._unblock_all()
+        self.on_settings()
+
+    def on_settings(self) -> None:
+        pass
 
     def _on_goaway(self, payload: bytes) -> None:
         if len(payload) < 8:

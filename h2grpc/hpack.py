@@ -101,14 +101,16 @@ def _build_huffman_table() -> tuple[list[tuple[int, bytes, bool]], list[bool]]:
     `accepting[state]` says whether ending there is valid padding (a prefix of
     EOS, i.e. all ones, shorter than eight bits, or the root).
     """
-    children: list[list[int]] = [[-1, -1]]  # inner nodes; a leaf is ~symbol
+    # Inner nodes; a child is an inner node's index, -1 for none, or
+    # -(symbol + 2) for a leaf.
+    children: list[list[int]] = [[-1, -1]]
     for symbol in range(257):
         code, length = REQUEST_CODES[symbol], REQUEST_CODES_LENGTH[symbol]
         node = 0
         for shift in range(length - 1, -1, -1):
             bit = (code >> shift) & 1
             if shift == 0:
-                children[node][bit] = ~symbol
+                children[node][bit] = -(symbol + 2)
             else:
                 if children[node][bit] == -1:
                     children.append([-1, -1])
@@ -128,11 +130,11 @@ def _build_huffman_table() -> tuple[list[tuple[int, bytes, bool]], list[bool]]:
             node, out, failed = state, bytearray(), False
             for shift in (3, 2, 1, 0):
                 child = children[node][(nibble >> shift) & 1]
-                if child == -1 or child == ~_EOS:
+                if child == -1 or child == -(_EOS + 2):
                     failed = True
                     break
                 if child < 0:
-                    out.append(~child)
+                    out.append(-child - 2)
                     node = 0
                 else:
                     node = child

@@ -136,10 +136,16 @@ class Server(grpc.aio.Server):  # type: ignore[misc]  # grpc is untyped
             listener.close()
         for conn in list(self.connections):
             conn.goaway()
-        if grace and self.calls:
-            self._idle = asyncio.Event()
+        if grace:
             try:
-                await asyncio.wait_for(self._idle.wait(), grace)
+                async with asyncio.timeout(grace):
+                    if self.calls:
+                        self._idle = asyncio.Event()
+                        await self._idle.wait()
+                    # Ended calls whose last frames wait for the client's window.
+                    for conn in list(self.connections):
+                        for stream in list(conn.streams.values()):
+                            await conn.wait_sent(stream)
             except TimeoutError:
                 pass
         for call in list(self.calls):
@@ -210,6 +216,7 @@ class ServerCall:
     """One call: the stream's handler and the `grpc.aio.ServicerContext` its code sees."""
 
     __slots__ = (
+        "_backlog",
         "_callbacks",
         "_cancelled",
         "_code",
@@ -242,11 +249,13 @@ class ServerCall:
         self._conn = conn
         self._server = conn.server
         self._stream = conn.open_stream(stream_id, self)
+        self._stream.remote_closed = end_stream
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._deadline: float | None = None
         self._request: Any = _EOF
         self._requests: deque[bytes] = deque()
+        self._backlog = 0
         self._reader: asyncio.Future[None] | None = None
         self._ended = False
         self._headers_sent = False
@@ -298,6 +307,7 @@ class ServerCall:
             return
         if self._handler.request_streaming:
             self._requests.append(message)
+            self._backlog += len(message)
             self._wake_reader()
         elif self._request is _EOF:
             self._request = message
@@ -327,6 +337,10 @@ class ServerCall:
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
+    @property
+    def backlog(self) -> int:
+        return self._backlog
+
     def on_bad_message(self, code: grpc.StatusCode, reason: str) -> None:
         log.warning("%s from %s: %s", self._path, self._conn.peer, reason)
         self._finish(code, reason, ())
@@ -348,6 +362,9 @@ class ServerCall:
                 if inspect.isasyncgen(result):
                     async for response in result:
                         await self.write(response)
+                elif inspect.isgenerator(result):
+                    for response in result:
+                        await self.write(response)
                 elif inspect.isawaitable(result):
                     await result
                 self._finish(self._code or grpc.StatusCode.OK, self._details, self._trailing)
@@ -364,6 +381,9 @@ class ServerCall:
                 self._finish(grpc.StatusCode.CANCELLED, "handler cancelled", ())
         except _BadRequest as exc:
             self._finish(grpc.StatusCode.INTERNAL, str(exc), ())
+        except _TooLarge as exc:
+            log.warning("%s: %s", self._path, exc)
+            self._finish(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc), ())
         except Exception as exc:
             if not self._finished:
                 log.exception("%s failed", self._path)
@@ -382,7 +402,7 @@ class ServerCall:
         serializer = self._handler.response_serializer
         data = response if serializer is None else serializer(response)
         if len(data) > self._server.max_send:
-            raise _BadRequest(
+            raise _TooLarge(
                 f"Sent message larger than max ({len(data)} vs. {self._server.max_send})"
             )
         return bytes(data)
@@ -477,7 +497,10 @@ class ServerCall:
             self._reader = self._conn.loop.create_future()
             await self._reader
             self._reader = None
-        return self._deserialize(self._requests.popleft())
+        message = self._requests.popleft()
+        self._backlog -= len(message)
+        self._conn.window_consumed(self._stream)
+        return self._deserialize(message)
 
     async def write(self, message: Any) -> None:
         if self._finished:
@@ -494,8 +517,8 @@ class ServerCall:
     async def send_initial_metadata(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
         if self._headers_sent:
             raise asyncio.InvalidStateError("initial metadata was already sent")
+        block = hpack.encode(_RESPONSE_HEADERS + from_metadata(metadata))  # may raise
         self._headers_sent = True
-        block = hpack.encode(_RESPONSE_HEADERS + from_metadata(metadata))
         self._conn.send_headers(self._stream, block, False)
 
     async def abort(
@@ -559,6 +582,10 @@ class ServerCall:
 
 
 class _BadRequest(Exception):
+    pass
+
+
+class _TooLarge(Exception):
     pass
 
 

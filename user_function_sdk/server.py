@@ -21,8 +21,8 @@ from typing import Any
 import grpc
 from google.protobuf import empty_pb2
 
-import h2grpc
 from cloudstate import entity_pb2, event_sourced_pb2
+from h2grpc.stacks import DEFAULT_STACK, check_stack, make_server, stack_from_env
 
 from .discovery import ServiceInfo, check_proxy, entity_spec
 from .entity import EventSourcedEntity
@@ -57,11 +57,17 @@ class ServerOptions:
     `service_name`/`service_version` are reported at discovery.
     `shutdown_grace`: seconds `close()` lets in-flight RPCs finish before
     cancelling them (entity streams are long-lived and get cancelled then).
+    `grpc_stack`: "h2grpc" (the built-in implementation, the default) or
+    "grpcio" (grpc.aio); `serve()` takes it from the GRPC_STACK variable.
     """
 
     service_name: str = ""
     service_version: str = ""
     shutdown_grace: float = 5.0
+    grpc_stack: str = DEFAULT_STACK
+
+    def __post_init__(self) -> None:
+        check_stack(self.grpc_stack)
 
 
 class UserFunctionServer:
@@ -106,7 +112,7 @@ class UserFunctionServer:
         """Bind and start serving; `OSError` when the address cannot be bound."""
         if self._closed or self._server is not None:
             raise RuntimeError("a UserFunctionServer can only be started once")
-        server = h2grpc.server(options=list(_GRPC_OPTIONS))
+        server = make_server(self._options.grpc_stack, _GRPC_OPTIONS)
         server.add_generic_rpc_handlers(self._handlers())
         address = _address(self._host, self._requested_port)
         try:
@@ -207,8 +213,12 @@ def serve(
     """Serve `entities` until SIGINT or SIGTERM, then stop cleanly (blocking).
 
     Uses uvloop when it is installed, and tunes the garbage collector for a
-    long-running server once started (see `_steady_state_gc`).
+    long-running server once started (see `_steady_state_gc`). Without
+    ``options`` the gRPC stack comes from the GRPC_STACK environment variable
+    (h2grpc unless it says grpcio).
     """
+    if options is None:
+        options = ServerOptions(grpc_stack=stack_from_env())
     server = UserFunctionServer(entities, host, port, options=options)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(_serve_until_signalled(server))

@@ -34,6 +34,7 @@ import grpc
 from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError
 
+import h2grpc
 from cloudstate import entity_pb2
 from cloudstate.proxy.v1 import peer_pb2
 
@@ -202,7 +203,7 @@ class PeerServer:
         self._host = host
         self.node_id = node_id
         self._shutdown_timeout = shutdown_timeout
-        self._server = grpc.aio.server(options=_server_options(max_message_size))
+        self._server = h2grpc.server(options=_server_options(max_message_size))
         forward = grpc.unary_unary_rpc_method_handler(self._forward)
         self._server.add_generic_rpc_handlers(
             [grpc.method_handlers_generic_handler(SERVICE_NAME, {"Forward": forward})]

@@ -80,7 +80,9 @@ async def _run_and_kill(url: str, acks_before_kill: int) -> dict[str, int]:
         if child.returncode is None:
             child.kill()
             await child.wait()
-    for text in rest.decode().splitlines():
+    # Only whole lines: the kill can cut the writer off in the middle of one
+    # (what follows the last newline), and a cut line proves nothing.
+    for text in rest.decode().split("\n")[:-1]:
         name, seq_nr = text.split()
         acked[name] = int(seq_nr)
     return acked
