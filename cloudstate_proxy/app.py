@@ -153,11 +153,12 @@ class ProxyApp:
             log.info("serving HTTP/JSON on %s", self._http_json.address)
         await self._frontdoor.start()
         log.info(
-            "serving %s on %s (user function at %s, journal %s)",
+            "serving %s on %s (user function at %s, journal %s, gRPC on %s)",
             ", ".join(sorted(registry.services)),
             self._frontdoor.address,
             config.user_function.address,
             redact_url(config.journal_url),
+            config.server.grpc_stack,
         )
 
     async def close(self) -> None:

@@ -122,9 +122,10 @@ class UserFunctionServer:
         await server.start()
         self._server, self._port = server, port
         logger.info(
-            "user function listening on %s serving %s",
+            "user function listening on %s serving %s (gRPC on %s)",
             _address(self._host, port),
             ", ".join(self._entities),
+            self._options.grpc_stack,
         )
 
     def close(self) -> None:

@@ -31,13 +31,18 @@ class System:
     port: int = field(default_factory=free_port)
     user_function: ManagedProcess | None = None
     proxy: ManagedProcess | None = None
+    # The gRPC implementations of the proxy and of the user function's SDK.
+    proxy_stack: str = "h2grpc"
+    user_function_stack: str = "h2grpc"
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     async def start_user_function(self) -> None:
-        self.user_function = start_user_function(self.module, self.uf_port, self.logs)
+        self.user_function = start_user_function(
+            self.module, self.uf_port, self.logs, env={"GRPC_STACK": self.user_function_stack}
+        )
         await asyncio.to_thread(wait_port, self.uf_port, 30.0, self.user_function)
 
     async def start_proxy(self) -> None:
@@ -46,7 +51,14 @@ class System:
             self.port,
             self.journal_url,
             self.logs,
-            extra_args=["--log-level", "info", "--shutdown-timeout", "5s"],
+            extra_args=[
+                "--log-level",
+                "info",
+                "--shutdown-timeout",
+                "5s",
+                "--grpc-stack",
+                self.proxy_stack,
+            ],
         )
         await asyncio.to_thread(wait_serving, self.target, 60.0, self.proxy)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import grpc
 import pytest
@@ -27,6 +28,36 @@ def add(user: str, product: str, quantity: int = 1) -> api.AddLineItem:
 
 
 async def test_cart_scenario_with_failures(cart_system: System) -> None:
+    await cart_scenario_with_failures(cart_system)
+
+
+@pytest.mark.parametrize(
+    ("proxy_stack", "user_function_stack"), [("grpcio", "grpcio"), ("grpcio", "h2grpc")]
+)
+async def test_cart_scenario_on_grpcio(
+    postgres_database: str, logs_dir: Path, proxy_stack: str, user_function_stack: str
+) -> None:
+    """`--grpc-stack grpcio` and `GRPC_STACK=grpcio` still work (the default,
+    h2grpc on both sides, runs in every other end-to-end test; an h2grpc proxy
+    in front of grpc.aio user functions runs in tests/proxy)."""
+    system = System(
+        "examples.shoppingcart",
+        postgres_database,
+        logs_dir,
+        proxy_stack=proxy_stack,
+        user_function_stack=user_function_stack,
+    )
+    try:
+        await system.start()
+        await cart_scenario_with_failures(system)
+    finally:
+        system.stop()
+    assert system.proxy is not None and system.user_function is not None
+    assert f"gRPC on {proxy_stack})" in system.proxy.log_path.read_text()
+    assert f"(gRPC on {user_function_stack})" in system.user_function.log_path.read_text()
+
+
+async def cart_scenario_with_failures(cart_system: System) -> None:
     async with grpc.aio.insecure_channel(cart_system.target) as channel:
         cart = cart_stub(channel)
         assert await cart.AddItem(add("alice", "apple", 2), timeout=10) == empty_pb2.Empty()

@@ -39,6 +39,8 @@ def test_defaults() -> None:
     assert config.discovery.initial_backoff == 1.0
     assert config.discovery.max_backoff == 10.0
     assert config.log_level == "info"
+    assert config.server.grpc_stack == "h2grpc"
+    assert parse(["--grpc-stack", "GRPCIO"]).server.grpc_stack == "grpcio"
     assert config == ProxyConfig()
 
 
@@ -123,6 +125,7 @@ def test_port_alias_and_port_zero() -> None:
         (["--shutdown-timeout", "x"], "--shutdown-timeout"),
         (["--log-level", "chatty"], "--log-level"),
         (["--log-format", "xml"], "--log-format"),
+        (["--grpc-stack", "netty"], "--grpc-stack"),
         (["--proxy-name", ""], "--proxy-name"),
     ],
 )
