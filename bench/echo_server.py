@@ -1,8 +1,10 @@
-"""A bare grpc.aio server that answers every unary call with an empty message.
+"""A bare gRPC server that answers every unary call with an empty message.
 
 The transport ceiling: the same generator against it measures what gRPC in
 Python costs on this machine with no proxy, user function or database.
-Usage: python -m bench.echo_server PORT
+Usage: python -m bench.echo_server PORT [grpcio|h2grpc] (default grpcio:
+grpc.aio, the ceiling the proxy is compared with; h2grpc shows the built-in
+stack's own cost).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import gc
 import sys
 
 import grpc
+
+from h2grpc.stacks import make_server
 
 
 class _EchoHandler(grpc.GenericRpcHandler):
@@ -27,8 +31,8 @@ async def _reply(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
     return b""
 
 
-async def main(port: int) -> None:
-    server = grpc.aio.server()
+async def main(port: int, stack: str) -> None:
+    server = make_server(stack, ())
     server.add_generic_rpc_handlers((_EchoHandler(),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -45,4 +49,4 @@ if __name__ == "__main__":
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(main(int(sys.argv[1])))
+    asyncio.run(main(int(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "grpcio"))

@@ -1,12 +1,12 @@
 """The protocol ceiling: the least any proxy must do per command, measured.
 
 A stand-in for the proxy that serves the shopping cart's AddItem from a bare
-grpc.aio server and keeps, per entity, one `EventSourced.handle` stream to the
+h2grpc server (the proxy's own stack) and keeps, per entity, one `EventSourced.handle` stream to the
 real user function: init on the entity's first call, then one command and one
 reply per call, one call at a time per entity. Nothing else: no journal, no
 timers, no deadlines, no metadata, no checks of the reply. The same generator
 against it gives the throughput a Python proxy speaking this protocol through
-grpc.aio could reach on this machine, whatever else it does.
+h2grpc could reach on this machine, whatever else it does.
 
 Usage: python -m bench.protocol_ceiling PORT USER_FUNCTION_PORT
 """

@@ -1,18 +1,21 @@
 """`make bench`: the proxy under load beside this machine's ceilings, in one run.
 
 Measures, with the same generator and in the same run:
-  1. echo      - a bare grpc.aio server (the transport ceiling);
+  1. echo      - a bare grpc.aio server (the transport ceiling), and the same
+                 on h2grpc (what the built-in stack costs);
   2. storage   - a raw asyncpg loop inserting one event row per transaction
                  (the storage ceiling for per-command commits);
   3. protocol  - bench/protocol_ceiling.py in front of the cart user function:
                  one handle stream per entity, no journal, no logic (what any
-                 proxy speaking this protocol through grpc.aio could reach);
+                 proxy speaking this protocol through h2grpc could reach);
   4. proxy     - the shopping cart behind `cloudstate-proxy serve` on Postgres:
                  AddItem commands from N clients over M carts.
 Each run also measures the CPU time every process spends per call (bench/cpu.py).
 Writes bench/results/<timestamp>.json and the tables in bench/README.md.
 Environment: DATABASE_URL (default postgresql://postgres@127.0.0.1:5432/test),
-BENCH_CLIENTS (64), BENCH_ENTITIES (1000), BENCH_SECONDS (15).
+BENCH_CLIENTS (64), BENCH_ENTITIES (1000), BENCH_SECONDS (15), BENCH_CLIENT
+(the generator's gRPC client: h2grpc or grpcio), BENCH_PROXY_LOG (the proxy's
+log level, WARNING).
 """
 
 from __future__ import annotations
@@ -139,16 +142,21 @@ def _postgres() -> list[int]:
     return pids_named("postgres")
 
 
-async def echo_ceiling(requests: list[bytes], clients: int, seconds: float) -> LoadResult:
+async def echo_ceiling(
+    requests: list[bytes], clients: int, seconds: float, stack: str = "grpcio"
+) -> LoadResult:
     port = free_port()
     logs = Path(tempfile.mkdtemp(prefix="bench-"))
     server = ManagedProcess(
-        "echo", [sys.executable, "-m", "bench.echo_server", str(port)], logs / "echo.log"
+        "echo",
+        [sys.executable, "-m", "bench.echo_server", str(port), stack],
+        logs / "echo.log",
     ).start()
     try:
         wait_port(port, process=server)
+        name = "bare grpc.aio echo" if stack == "grpcio" else "bare h2grpc echo"
         return await run_load(
-            "transport ceiling (bare grpc.aio echo)",
+            f"transport ceiling ({name})",
             f"127.0.0.1:{port}",
             ADD_ITEM,
             requests,
@@ -293,13 +301,15 @@ async def main() -> None:
     gc.set_threshold(10_000, 20, 100)
     echo = await echo_ceiling(requests, clients, seconds)
     print(echo)
+    own_echo = await echo_ceiling(requests, clients, seconds, stack="h2grpc")
+    print(own_echo)
     storage = await storage_ceiling(await fresh_database(admin_url), clients, seconds)
     print(storage)
     protocol = await protocol_ceiling(requests, clients, seconds)
     print(protocol)
     proxy = await proxy_load(await fresh_database(admin_url), requests, clients, seconds)
     print(proxy)
-    results = [echo, storage, protocol, proxy]
+    results = [echo, own_echo, storage, protocol, proxy]
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     record = {
         "when": stamp,
