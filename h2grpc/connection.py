@@ -17,99 +17,57 @@ import asyncio
 import logging
 import socket
 import struct
-from collections import deque
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
 from h2grpc import hpack
+from h2grpc.frames import (
+    _FRAME,
+    _MESSAGE,
+    _U32,
+    ACK,
+    CANCEL,
+    COMPRESSION_ERROR,
+    CONNECTION_WINDOW,
+    CONTINUATION,
+    DATA,
+    DEFAULT_WINDOW,
+    END_HEADERS,
+    END_STREAM,
+    ENHANCE_YOUR_CALM,
+    FLOW_CONTROL_ERROR,
+    FRAME_SIZE_ERROR,
+    GOAWAY,
+    HEADERS,
+    MAX_HEADER_BLOCK,
+    MAX_WINDOW,
+    NO_ERROR,
+    PADDED,
+    PING,
+    PREFACE,
+    PRIORITY_FLAG,
+    PROTOCOL_ERROR,
+    PUSH_PROMISE,
+    REFUSED_STREAM,
+    RST_STREAM,
+    S_ENABLE_PUSH,
+    S_INITIAL_WINDOW_SIZE,
+    S_MAX_CONCURRENT_STREAMS,
+    S_MAX_FRAME_SIZE,
+    S_MAX_HEADER_LIST_SIZE,
+    SETTINGS,
+    STREAM_CLOSED,
+    STREAM_WINDOW,
+    WINDOW_UPDATE,
+    ConnectionError_,
+    Stream,
+    StreamHandler,
+    frame,
+    strip_padding,
+)
 
 log = logging.getLogger("h2grpc")
-
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS = 0, 1, 2, 3, 4
-PUSH_PROMISE, PING, GOAWAY, WINDOW_UPDATE, CONTINUATION = 5, 6, 7, 8, 9
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-
-NO_ERROR, PROTOCOL_ERROR, INTERNAL_ERROR, FLOW_CONTROL_ERROR = 0, 1, 2, 3
-STREAM_CLOSED, FRAME_SIZE_ERROR, REFUSED_STREAM, CANCEL = 5, 6, 7, 8
-COMPRESSION_ERROR, ENHANCE_YOUR_CALM = 9, 11
-
-S_HEADER_TABLE_SIZE, S_ENABLE_PUSH, S_MAX_CONCURRENT_STREAMS = 1, 2, 3
-S_INITIAL_WINDOW_SIZE, S_MAX_FRAME_SIZE, S_MAX_HEADER_LIST_SIZE = 4, 5, 6
-
-DEFAULT_WINDOW = 65_535
-MAX_WINDOW = 2**31 - 1
-# What we let the peer send before it must wait for our WINDOW_UPDATE.
-STREAM_WINDOW = 1 << 20
-CONNECTION_WINDOW = 1 << 24
-MAX_HEADER_BLOCK = 1 << 16
-
-_FRAME = struct.Struct(">IBI")  # (length << 8 | type, flags, stream id)
-_U32 = struct.Struct(">I")
-_MESSAGE = struct.Struct(">BI")  # gRPC: compressed flag, length
-
-
-class ConnectionError_(Exception):
-    """A connection-level protocol violation: answered with GOAWAY."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class StreamHandler(Protocol):
-    """What a call needs to hear from its stream."""
-
-    def on_headers(self, headers: list[tuple[str, str]], end_stream: bool) -> None: ...
-    def on_message(self, message: bytes) -> None: ...
-    def on_end(self) -> None: ...
-    def on_reset(self, code: int | None, reason: str) -> None: ...
-    def on_bad_message(self, code: grpc.StatusCode, reason: str) -> None: ...
-    @property
-    def backlog(self) -> int:
-        """Bytes of received messages not yet read by the application."""
-        ...
-
-
-class Stream:
-    __slots__ = (
-        "buffer",
-        "discard",
-        "handler",
-        "id",
-        "local_closed",
-        "max_message",
-        "pending",
-        "remote_closed",
-        "send_window",
-        "unacked",
-        "waiters",
-    )
-
-    def __init__(self, stream_id: int, send_window: int, max_message: int) -> None:
-        self.id = stream_id
-        self.handler: StreamHandler | None = None
-        self.send_window = send_window
-        # Frames waiting for flow-control window: (kind, payload, end_stream).
-        self.pending: deque[tuple[int, bytes, bool]] = deque()
-        self.waiters: list[asyncio.Future[None]] = []
-        self.buffer = b""  # a partial gRPC message
-        self.unacked = 0  # bytes received but not yet returned by WINDOW_UPDATE
-        self.remote_closed = False
-        self.local_closed = False
-        self.max_message = max_message
-        self.discard = False  # a bad message arrived: ignore the rest
-
-
-def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:
-    return _FRAME.pack(len(payload) << 8 | kind, flags, stream_id) + payload
-
-
-def grpc_message(payload: bytes) -> bytes:
-    return _MESSAGE.pack(0, len(payload)) + payload
 
 
 class H2Connection(asyncio.Protocol):
@@ -142,6 +100,8 @@ class H2Connection(asyncio.Protocol):
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
         self._peername = ""
+        # Why we dropped the connection ourselves, for the calls it ends.
+        self.lost_reason: str | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------
 
@@ -187,7 +147,7 @@ class H2Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        reason = f"connection lost: {exc}" if exc else "connection closed"
+        reason = self.lost_reason or (f"connection lost: {exc}" if exc else "connection closed")
         for stream in list(self.streams.values()):
             self._drop(stream, None, reason)
         self.streams.clear()
@@ -250,6 +210,8 @@ class H2Connection(asyncio.Protocol):
                 raise ConnectionError_(PROTOCOL_ERROR, "malformed PING")
             if not flags & ACK:
                 self.emit(frame(PING, ACK, 0, payload))
+            else:
+                self.on_ping_ack(payload)
         elif kind == RST_STREAM:
             if not stream_id or len(payload) != 4:
                 raise ConnectionError_(PROTOCOL_ERROR, "malformed RST_STREAM")
@@ -272,7 +234,7 @@ class H2Connection(asyncio.Protocol):
         if not stream_id:
             raise ConnectionError_(PROTOCOL_ERROR, "DATA on stream 0")
         if flags & PADDED:
-            payload = _strip_padding(payload)
+            payload = strip_padding(payload)
         stream = self.streams.get(stream_id)
         if stream is None or stream.remote_closed:
             if stream_id > self.last_peer_stream and not self._is_local(stream_id):
@@ -347,7 +309,7 @@ class H2Connection(asyncio.Protocol):
         if not stream_id:
             raise ConnectionError_(PROTOCOL_ERROR, "HEADERS on stream 0")
         if flags & PADDED:
-            payload = _strip_padding(payload)
+            payload = strip_padding(payload)
         if flags & PRIORITY_FLAG:
             payload = payload[5:]
         if flags & END_HEADERS:
@@ -476,6 +438,9 @@ class H2Connection(asyncio.Protocol):
         self.on_goaway()
 
     def on_goaway(self) -> None:
+        pass
+
+    def on_ping_ack(self, payload: bytes) -> None:
         pass
 
     # -- writing ----------------------------------------------------------------
@@ -656,12 +621,3 @@ class H2Connection(asyncio.Protocol):
 
     def extra(self, name: str) -> Any:
         return self.transport.get_extra_info(name) if self.transport else None
-
-
-def _strip_padding(payload: bytes) -> bytes:
-    if not payload:
-        raise ConnectionError_(PROTOCOL_ERROR, "padded frame without pad length")
-    pad = payload[0]
-    if pad >= len(payload):
-        raise ConnectionError_(PROTOCOL_ERROR, "padding longer than the frame")
-    return payload[1 : len(payload) - pad]

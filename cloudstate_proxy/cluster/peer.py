@@ -63,8 +63,6 @@ PEER_NODE_KEY = "cloudstate-peer-node"
 NOT_RUN_KEY = "cloudstate-peer-not-run"
 _NO_DEADLINE = 1e8  # gRPC represents "no deadline" as a far-away one
 _MIN_PING_INTERVAL_MS = 1000
-_READY = grpc.ChannelConnectivity.READY
-_FAILED = (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN)
 
 ForwardHandler = Callable[[EntityCommand], Awaitable[CommandReply]]
 
@@ -310,10 +308,6 @@ class PeerClientSettings:
     max_message_size: int = 4 * 1024 * 1024
     # Longest wait for a connection to the owner before it counts as unreachable.
     connect_timeout: float = 1.0
-    # Reconnect backoff of a channel whose peer went away (gRPC's own default
-    # grows to two minutes, far too long for a node that restarts).
-    reconnect_backoff: float = 0.1
-    max_reconnect_backoff: float = 1.0
     # Calls still running on the channel of a member that left get this long.
     close_grace: float = 5.0
     # While calls run, ping the peer this often; a peer that does not answer
@@ -329,15 +323,15 @@ class _Peer:
 
     def __init__(self, member: Member, settings: PeerClientSettings) -> None:
         self.member = member
-        self.channel = grpc.aio.insecure_channel(
+        # h2grpc connects when a call needs it (no backoff: a refused connection
+        # fails at once, and the next forward tries again).
+        self.channel = h2grpc.insecure_channel(
             member.peer_address,
             options=[
                 ("grpc.max_send_message_length", settings.max_message_size),
                 ("grpc.max_receive_message_length", settings.max_message_size),
-                ("grpc.initial_reconnect_backoff_ms", int(settings.reconnect_backoff * 1000)),
-                ("grpc.min_reconnect_backoff_ms", int(settings.reconnect_backoff * 1000)),
-                ("grpc.max_reconnect_backoff_ms", int(settings.max_reconnect_backoff * 1000)),
-                *_keepalive_options(settings),
+                ("grpc.keepalive_time_ms", int(settings.keepalive_time * 1000)),
+                ("grpc.keepalive_timeout_ms", int(settings.keepalive_timeout * 1000)),
             ],
         )
         self.call: Any = self.channel.unary_unary(FORWARD_METHOD)
@@ -345,37 +339,20 @@ class _Peer:
     async def connected(self, within: float) -> None:
         """Return once the channel is connected; `PeerUnreachable` if it fails
         to connect or takes longer than ``within`` seconds."""
-        state = self.channel.get_state(try_to_connect=True)
-        if state == _READY:
-            return
         try:
             async with asyncio.timeout(within):
-                while state != _READY:
-                    if state in _FAILED:
-                        raise PeerUnreachable(f"{self._describe()} refuses connections")
-                    await self.channel.wait_for_state_change(state)
-                    state = self.channel.get_state(try_to_connect=True)
+                await self.channel.channel_ready()
         except TimeoutError:
             raise PeerUnreachable(
                 f"no connection to {self._describe()} within {within:.2f}s"
             ) from None
+        except grpc.aio.AioRpcError as exc:
+            raise PeerUnreachable(
+                f"{self._describe()} refuses connections: {exc.details()}"
+            ) from None
 
     def _describe(self) -> str:
         return f"node {self.member.node_id} at {self.member.peer_address}"
-
-
-def _keepalive_options(settings: PeerClientSettings) -> list[tuple[str, int]]:
-    every, within = int(settings.keepalive_time * 1000), int(settings.keepalive_timeout * 1000)
-    return [
-        ("grpc.keepalive_time_ms", every),
-        ("grpc.keepalive_timeout_ms", within),
-        # gRPC's own defaults would defeat the keepalive while a call waits for
-        # its reply (no data frames): at most two pings, then none for minutes,
-        # and an unanswered ping only fails the connection after a minute.
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.http2.min_time_between_pings_ms", every),
-        ("grpc.http2.ping_timeout_ms", within),
-    ]
 
 
 class PeerClient:

@@ -1104,3 +1104,26 @@ def test_main_paths_on_uvloop() -> None:
     uvloop = pytest.importorskip("uvloop")
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(uvloop_scenario())
+
+
+async def test_keepalive_fails_calls_on_a_peer_that_stops_answering() -> None:
+    # The peer sends its SETTINGS, then never answers anything, PINGs included.
+    received = bytearray()
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(lambda: FrameRecorder(received), "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    options = [("grpc.keepalive_time_ms", 200), ("grpc.keepalive_timeout_ms", 300)]
+    channel = insecure_channel(f"127.0.0.1:{port}", options)
+    try:
+        started = loop.time()
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await within(channel.unary_unary(method("Hang"))(b"x"))
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "keepalive ping" in (failure.value.details() or "")
+        assert loop.time() - started < 5.0  # keepalive time + timeout, with slack
+        pings = [f for f in client_frames(bytes(received)) if f[0] == 6]
+        assert pings and all(payload == b"h2grpcka" for _, _, payload in pings)
+    finally:
+        await channel.close()
+        listener.close()
+        await listener.wait_closed()

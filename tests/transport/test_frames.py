@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 import pytest
 
-from h2grpc.connection import (
+from h2grpc.frames import (
     ACK,
     CANCEL,
     COMPRESSION_ERROR,
