@@ -23,7 +23,7 @@ import secrets
 import socket
 
 from ..config import ProxyConfig
-from ..journal.postgres import PostgresOptions
+from ..journal.postgres_options import PostgresOptions
 from ..registry import ServiceRegistry
 from .member import Member, parse_address
 from .members_pg import PostgresMembership, PostgresMembershipOptions

@@ -73,7 +73,7 @@ from .base import LogPage, StoredEvent
 from .log_beacon import LogBeacon
 
 if TYPE_CHECKING:  # postgres.py imports this module
-    from .postgres import PostgresOptions
+    from .postgres_options import PostgresOptions
 
 log = logging.getLogger(__name__)
 
