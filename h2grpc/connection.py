@@ -431,7 +431,14 @@ class H2Connection(asyncio.Protocol):
         self.goaway_received = last
         debug = payload[8:].decode("utf-8", "replace")
         if code != NO_ERROR:
-            log.info("peer %s sent GOAWAY (error code %d): %s", self._peername, code, debug)
+            # A connection error on the peer's side: nothing more will be
+            # answered here, so end every call now rather than at its deadline.
+            log.warning("peer %s sent GOAWAY (error code %d): %s", self._peername, code, debug)
+            self.lost_reason = f"the peer ended the connection (GOAWAY {code}: {debug})"
+            self.on_goaway()
+            if self.transport is not None:
+                self.transport.abort()
+            return
         for stream in list(self.streams.values()):
             if self._is_local(stream.id) and stream.id > last:
                 self._drop(stream, REFUSED_STREAM, "the peer is going away (GOAWAY)")

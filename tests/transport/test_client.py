@@ -1127,3 +1127,43 @@ async def test_keepalive_fails_calls_on_a_peer_that_stops_answering() -> None:
         await channel.close()
         listener.close()
         await listener.wait_closed()
+
+
+class _GoawayOnFirstHeaders(asyncio.Protocol):
+    """An HTTP/2 peer that answers the first request with GOAWAY(COMPRESSION_ERROR)
+    and then leaves the connection open, saying nothing more."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.sent = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS frame
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        frames = client_frames(bytes(self.buffer))
+        if not self.sent and any(kind == HEADERS_FRAME for kind, _, _ in frames):
+            self.sent = True
+            assert self.transport is not None
+            payload = struct.pack(">II", 1, 9) + b"header too large"
+            self.transport.write(struct.pack(">IBI", len(payload) << 8 | 7, 0, 0) + payload)
+
+
+async def test_a_goaway_with_an_error_ends_the_calls_at_once() -> None:
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(_GoawayOnFirstHeaders, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    channel = insecure_channel(f"127.0.0.1:{port}")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await within(channel.unary_unary(method("Echo"))(b"x"))
+        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "GOAWAY 9: header too large" in (failure.value.details() or "")
+    finally:
+        await channel.close()
+        listener.close()
+        await listener.wait_closed()
