@@ -43,7 +43,8 @@ def _installed() -> bool:
 def _npm_ci(npm: str) -> None:
     try:
         result = subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund"],
+            # --prefer-offline: packages already in npm's cache need no network.
+            [npm, "ci", "--prefer-offline", "--no-audit", "--no-fund"],
             cwd=NODE_DIR,
             capture_output=True,
             text=True,
