@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+import h2grpc
 from bench.loadgen import percentile
 from bench.run import event_size, fresh_database, machine
 from cloudstate.proxy.v1 import eventlog_pb2, eventlog_pb2_grpc
@@ -125,7 +126,7 @@ class Subscriber:
 
 
 async def serve_event_log(store: PostgresStore) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server()
+    server = h2grpc.server()
     EventLogService(store).add_to_server(server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -136,7 +137,7 @@ async def lag_run(url: str, rate: float, seconds: float, writers: int) -> dict[s
     async with PostgresStore(url) as store:
         server, port = await serve_event_log(store)
         head = (await store.read_log(0, limit=1)).end_offset
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        async with h2grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             subscriber = Subscriber(eventlog_pb2_grpc.EventLogStub(channel), head)
             await asyncio.wait_for(subscriber.caught_up.wait(), 30)
             result = await run_writer(url, rate, seconds, writers)
@@ -190,13 +191,17 @@ async def catch_up_run(url: str, total: int) -> list[dict[str, Any]]:
                 )
             )
         server, port = await serve_event_log(store)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        through_grpc = []
+        async with h2grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = eventlog_pb2_grpc.EventLogStub(channel)
-            began = time.perf_counter()
-            count = 0
-            async for response in stub.Subscribe(eventlog_pb2.SubscribeRequest()):
-                count += response.WhichOneof("message") == "event"
-            grpc_seconds = time.perf_counter() - began
+            for max_batch in (1, 256):
+                began = time.perf_counter()
+                count = 0
+                request = eventlog_pb2.SubscribeRequest(max_batch=max_batch)
+                async for response in stub.Subscribe(request):
+                    kind = response.WhichOneof("message")
+                    count += len(response.events.events) if kind == "events" else kind == "event"
+                through_grpc.append((max_batch, count, time.perf_counter() - began))
         await server.stop(1)
         began = time.perf_counter()
         direct, cursor, full = 0, 0, True
@@ -206,7 +211,14 @@ async def catch_up_run(url: str, total: int) -> list[dict[str, Any]]:
             cursor, full = page.end_offset, page.full
         direct_seconds = time.perf_counter() - began
     return [
-        {"name": "catch-up through Subscribe (gRPC)", "events": count, "seconds": grpc_seconds},
+        *(
+            {
+                "name": f"catch-up through Subscribe (gRPC), {per} event(s) per message",
+                "events": count,
+                "seconds": seconds,
+            }
+            for per, count, seconds in through_grpc
+        ),
         {"name": "catch-up with read_log (store)", "events": direct, "seconds": direct_seconds},
     ]
 

@@ -48,6 +48,11 @@ class EventLogUnavailable(Exception):
     closed the stream. Resubscribing (from the last handled offset) is safe."""
 
 
+# Events per Subscribe message asked for by default: a catch-up sends a few
+# messages per page of the log instead of one per event.
+DEFAULT_MAX_BATCH = 256
+
+
 class EventLogClient:
     """Subscribes to the event log of the proxy at the far end of `channel`.
 
@@ -62,23 +67,44 @@ class EventLogClient:
         )
 
     async def subscribe(
-        self, persistence_id: str, after_offset: int, *, follow: bool = True
+        self,
+        persistence_id: str,
+        after_offset: int,
+        *,
+        follow: bool = True,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> AsyncGenerator[LoggedEvent | CaughtUp, None]:
         """Events with an offset above `after_offset` in offset order, of
         `persistence_id` only unless it is empty, with one `CaughtUp` once the
         backlog is delivered; with `follow`, live events after that.
+
+        `max_batch`: events the proxy may send per message (1: one each);
+        they are still yielded one at a time. Proxies that predate batches
+        send one per message whatever it says.
 
         Raises `EventLogUnavailable` when the stream fails, and also when a
         followed stream ends, since a live subscription never ends by itself.
         Closing the iterator (``aclosing``) cancels the call.
         """
         request = eventlog_pb2.SubscribeRequest(
-            persistence_id=persistence_id, after_offset=after_offset, follow=follow
+            persistence_id=persistence_id,
+            after_offset=after_offset,
+            follow=follow,
+            max_batch=max_batch,
         )
         call = self._subscribe(request)
         try:
             async for response in call:
-                yield _from_response(response)
+                kind = response.WhichOneof("message")
+                if kind == "events":
+                    for event in response.events.events:
+                        yield _logged_event(event)
+                elif kind == "event":
+                    yield _logged_event(response.event)
+                elif kind == "caught_up":
+                    yield CaughtUp(response.caught_up.offset)
+                else:
+                    raise EventLogUnavailable("the event log sent an empty message")
         except grpc.aio.AioRpcError as exc:
             raise EventLogUnavailable(f"{exc.code().name}: {exc.details()}") from exc
         finally:
@@ -88,13 +114,7 @@ class EventLogClient:
             raise EventLogUnavailable("the event log ended a live subscription")
 
 
-def _from_response(response: eventlog_pb2.SubscribeResponse) -> LoggedEvent | CaughtUp:
-    kind = response.WhichOneof("message")
-    if kind == "caught_up":
-        return CaughtUp(response.caught_up.offset)
-    if kind != "event":
-        raise EventLogUnavailable("the event log sent an empty message")
-    event = response.event
+def _logged_event(event: eventlog_pb2.LogEvent) -> LoggedEvent:
     return LoggedEvent(
         offset=event.offset,
         persistence_id=event.persistence_id,

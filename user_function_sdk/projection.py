@@ -51,8 +51,9 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, Literal, TypeAlias
 
-import grpc
 from google.protobuf.message import Message
+
+from h2grpc.stacks import make_channel, stack_from_env
 
 from .event_log import CaughtUp, EventLogClient, EventLogUnavailable, LoggedEvent
 from .payloads import Payload, PayloadError, unpack
@@ -253,7 +254,7 @@ class Projection:
     # -- the consumer ----------------------------------------------------------
 
     async def _run(self) -> None:
-        async with grpc.aio.insecure_channel(self._target) as channel:
+        async with make_channel(stack_from_env(), self._target, ()) as channel:
             log = EventLogClient(channel)
             while True:
                 try:

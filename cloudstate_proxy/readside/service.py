@@ -34,7 +34,7 @@ from ..journal import Journal, StoredEvent
 from ..journal.base import EventLogReader
 from ..journal.common import to_micros
 from .history import EntityRange, read_entity
-from .subscription import CaughtUp, LogItem, LogQuery, SubscriptionOptions, follow_log
+from .subscription import CaughtUp, LogQuery, SubscriptionOptions, follow_log_pages
 
 log = logging.getLogger(__name__)
 
@@ -99,17 +99,21 @@ class EventLogService:
         with self._call():
             try:
                 query = _subscribe_query(request)
+                if request.max_batch < 0:
+                    raise InvalidArgument("invalid SubscribeRequest: max_batch must be >= 0")
                 async with contextlib.aclosing(
-                    follow_log(self._store, query, self._options, self._stop)
-                ) as items:
-                    async for item in items:
+                    follow_log_pages(self._store, query, self._options, self._stop)
+                ) as pages:
+                    async for page in pages:
                         # Where the client can resume without loss: after the
                         # last event, or the last CaughtUp, it received.
-                        if isinstance(item, CaughtUp):
-                            delivered = item.offset
-                        else:
-                            delivered = item.global_offset or delivered
-                        yield _subscribe_response(item)
+                        if isinstance(page, CaughtUp):
+                            delivered = page.offset
+                            yield _caught_up_response(page)
+                            continue
+                        for response in _event_responses(page, request.max_batch):
+                            yield response
+                        delivered = page[-1].global_offset or delivered
                 if query.follow or self._stop.is_set():
                     raise self._closed_error(delivered)
                 return
@@ -184,13 +188,28 @@ def _time(request: eventlog_pb2.ReadEntityRequest, field: str) -> datetime | Non
     return stamp.ToDatetime(tzinfo=UTC)
 
 
-def _subscribe_response(item: LogItem) -> eventlog_pb2.SubscribeResponse:
+def _caught_up_response(item: CaughtUp) -> eventlog_pb2.SubscribeResponse:
     response = eventlog_pb2.SubscribeResponse()
-    if isinstance(item, CaughtUp):
-        response.caught_up.offset = item.offset
-    else:
-        _fill(response.event, item)
+    response.caught_up.offset = item.offset
     return response
+
+
+def _event_responses(
+    page: list[StoredEvent], max_batch: int
+) -> Iterator[eventlog_pb2.SubscribeResponse]:
+    """One response per event, or (``max_batch`` > 1) per ``max_batch`` events."""
+    if max_batch <= 1:
+        for event in page:
+            response = eventlog_pb2.SubscribeResponse()
+            _fill(response.event, event)
+            yield response
+        return
+    for start in range(0, len(page), max_batch):
+        response = eventlog_pb2.SubscribeResponse()
+        batch = response.events.events
+        for event in page[start : start + max_batch]:
+            _fill(batch.add(), event)
+        yield response
 
 
 def _log_event(event: StoredEvent) -> eventlog_pb2.LogEvent:

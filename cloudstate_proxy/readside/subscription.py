@@ -11,6 +11,7 @@ or delivered twice (see `EventLogReader` for why continuing from
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -76,6 +77,22 @@ async def follow_log(
     slow consumer slows only its own subscription and memory stays bounded.
     Raises `JournalUnavailable` when the store fails.
     """
+    async with contextlib.aclosing(follow_log_pages(store, query, options, stop)) as pages:
+        async for page in pages:
+            if isinstance(page, CaughtUp):
+                yield page
+            else:
+                for event in page:
+                    yield event
+
+
+async def follow_log_pages(
+    store: EventLogReader,
+    query: LogQuery,
+    options: SubscriptionOptions | None = None,
+    stop: asyncio.Event | None = None,
+) -> AsyncGenerator[list[StoredEvent] | CaughtUp, None]:
+    """`follow_log`, one page of events (a non-empty list) at a time."""
     options = options or SubscriptionOptions()
     cursor = query.after_offset
     caught_up = False
@@ -86,8 +103,8 @@ async def follow_log(
             entity_id=query.entity_id,
             limit=options.page_size,
         )
-        for event in page.events:
-            yield event
+        if page.events:
+            yield list(page.events)
         cursor = page.end_offset
         if page.full:
             continue

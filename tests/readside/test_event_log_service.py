@@ -120,6 +120,27 @@ async def test_catch_up_then_caught_up_then_done(store: PostgresStore, stub: Any
     assert [e.offset for e in as_events(later)] == [11, 12]
 
 
+async def test_batches_group_the_events_of_each_page(store: PostgresStore, stub: Any) -> None:
+    written = []
+    for i in range(12):
+        written += await store.append(A, f"e{i}", 0, [ev(i)])
+
+    # Pages of 5 (see `served`), batches of at most 3: 3+2, 3+2, 2, then CaughtUp.
+    responses = await drain(subscribe(stub, max_batch=3))
+    kinds = [r.WhichOneof("message") for r in responses]
+    assert kinds == ["events"] * 5 + ["caught_up"]
+    sizes = [len(r.events.events) for r in responses[:-1]]
+    assert sizes == [3, 2, 3, 2, 2]
+    batched = [e for r in responses[:-1] for e in r.events.events]
+    assert batched == [log_event(e) for e in written]
+    assert responses[-1].caught_up.offset == 12
+
+    # max_batch 0 and 1 keep one event per message.
+    for one in (0, 1):
+        singles = await drain(subscribe(stub, after_offset=9, max_batch=one))
+        assert [r.WhichOneof("message") for r in singles] == ["event"] * 3 + ["caught_up"]
+
+
 async def test_one_persistence_id(store: PostgresStore, stub: Any) -> None:
     for i in range(9):
         await store.append(A if i % 3 else B, f"e{i}", 0, [ev(i), ev(i)])
@@ -216,6 +237,8 @@ async def test_bad_subscriptions_are_invalid_arguments(stub: Any) -> None:
     details = await expect_status(subscribe(stub, after_offset=-1), Code.INVALID_ARGUMENT)
     assert "after_offset" in details
     await expect_status(subscribe(stub, persistence_id="nul\x00"), Code.INVALID_ARGUMENT)
+    details = await expect_status(subscribe(stub, max_batch=-1), Code.INVALID_ARGUMENT)
+    assert "max_batch" in details
 
 
 async def test_store_down_is_unavailable(store: PostgresStore, stub: Any) -> None:
