@@ -12,10 +12,12 @@ import grpc
 
 from h2grpc import frames, hpack
 from h2grpc.metadata import (
+    MAX_HEADER_LIST_SIZE,
     MetadataPairs,
     decode_message,
     format_timeout,
     from_metadata,
+    header_list_size,
     status_code,
     to_metadata,
 )
@@ -131,6 +133,15 @@ class ClientCall:
     # -- StreamHandler ------------------------------------------------------------
 
     def on_headers(self, headers: list[tuple[str, str]], end_stream: bool) -> None:
+        size = header_list_size(headers)
+        if size > MAX_HEADER_LIST_SIZE:
+            if self._initial is None:
+                self._initial = ()
+            self._fail_stream(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"response headers of {size} bytes are over the limit of {MAX_HEADER_LIST_SIZE}",
+            )
+            return
         if self._initial is None:
             # A trailers-only response (END_STREAM on the first headers) has
             # no initial metadata: what it carries belongs to the status.

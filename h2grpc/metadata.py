@@ -28,6 +28,17 @@ _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
+# The most a header list may decode to (RFC 9113's size: name + value + 32
+# per field), as announced in SETTINGS_MAX_HEADER_LIST_SIZE. HPACK lets a
+# small block reference large table entries many times over, so the decoded
+# size is checked, not only the block's.
+MAX_HEADER_LIST_SIZE = 1 << 16
+
+
+def header_list_size(headers: Iterable[tuple[str, str]]) -> int:
+    return sum(32 + len(name) + len(value) for name, value in headers)
+
+
 def to_metadata(headers: Iterable[tuple[str, str]]) -> MetadataPairs:
     """Application metadata from decoded headers (binary values base64-decoded)."""
     out: list[tuple[str, str | bytes]] = []

@@ -14,8 +14,10 @@ import grpc
 
 from h2grpc import frames, hpack
 from h2grpc.metadata import (
+    MAX_HEADER_LIST_SIZE,
     MetadataPairs,
     from_metadata,
+    header_list_size,
     parse_timeout,
     status_headers,
     to_metadata,
@@ -96,6 +98,16 @@ class ServerCall:
             elif name == "grpc-timeout":
                 timeout = parse_timeout(value)
         self._path = path
+        size = header_list_size(headers)
+        if size > MAX_HEADER_LIST_SIZE:
+            self._metadata: MetadataPairs = ()
+            log.warning("%s from %s: %d bytes of headers", path, conn.peer, size)
+            self._finish(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request headers of {size} bytes are over the limit of {MAX_HEADER_LIST_SIZE}",
+                (),
+            )
+            return
         self._metadata = to_metadata(headers)
         if method != "POST" or not path:
             self._finish(grpc.StatusCode.INTERNAL, "malformed gRPC request headers", ())

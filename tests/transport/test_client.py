@@ -1176,3 +1176,46 @@ async def test_a_goaway_with_an_error_ends_the_calls_at_once() -> None:
         await channel.close()
         listener.close()
         await listener.wait_closed()
+
+
+class _HugeResponseHeaders(asyncio.Protocol):
+    """Answers the first request with initial metadata that decodes to ~80 KB
+    from a ~4 KB block (one large value referenced twenty times)."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.sent = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS frame
+
+    def data_received(self, data: bytes) -> None:
+        import hpack as reference
+
+        self.buffer += data
+        frames = client_frames(bytes(self.buffer))
+        if not self.sent and any(kind == HEADERS_FRAME for kind, _, _ in frames):
+            self.sent = True
+            assert self.transport is not None
+            fields = [(":status", "200"), ("content-type", "application/grpc")]
+            block = reference.Encoder().encode(fields + [("x-big", "v" * 4000)] * 20)
+            self.transport.write(struct.pack(">IBI", len(block) << 8 | 1, 0x4, 1) + block)
+
+
+async def test_response_headers_that_decode_too_large_are_resource_exhausted() -> None:
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(_HugeResponseHeaders, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    channel = insecure_channel(f"127.0.0.1:{port}")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await within(channel.unary_unary(method("Echo"))(b"x"))
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "over the limit of 65536" in (failure.value.details() or "")
+    finally:
+        await channel.close()
+        listener.close()
+        await listener.wait_closed()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import random
 import struct
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -1216,3 +1218,91 @@ def test_under_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(scenario(), 60))
+
+
+async def test_a_header_list_that_decodes_too_large_is_resource_exhausted(
+    conn: RawH2, served: Served
+) -> None:
+    # 4 KB block, ~80 KB decoded: one large value indexed once, then referenced
+    # twenty times from the dynamic table (an "HPACK bomb" in small).
+    import hpack as reference
+
+    encoder = reference.Encoder()
+    block = encoder.encode(request_headers(path("Echo"), [("x-big", "v" * 4000)] * 20))
+    assert len(block) < 5_000
+    conn.send(HEADERS, END_HEADERS, 1, block)
+    conn.send(DATA, END_STREAM, 1, grpc_message(b"x"))
+    response = await conn.response(1)
+    assert response.status == "8"  # RESOURCE_EXHAUSTED, before any handler ran
+    assert "over the limit of 65536" in (response.message or "")
+    assert served.metadata == []
+    # The connection (and its HPACK state) carries on.
+    conn.request(3, path("Echo"), [b"after"])
+    after = await conn.response(3)
+    assert after.messages == [b"after"]
+    assert after.status == "0"
+
+
+def _random_frames(rng: random.Random, count: int) -> bytes:
+    """Frames of every type (and some unknown ones) with random flags, stream
+    ids and payloads, some of them well-formed requests, some garbage."""
+    out = bytearray()
+    for _ in range(count):
+        kind = rng.choice(
+            [
+                DATA,
+                HEADERS,
+                PRIORITY,
+                RST_STREAM,
+                SETTINGS,
+                PUSH_PROMISE,
+                PING,
+                GOAWAY,
+                WINDOW_UPDATE,
+                CONTINUATION,
+                0x0A,
+                0xFF,
+            ]
+        )
+        stream_id = rng.choice([0, 1, 2, 3, 5, 7, 2**31 - 1, rng.randrange(2**31)])
+        flags = rng.randrange(256)
+        roll = rng.random()
+        if kind == HEADERS and roll < 0.5:
+            payload = encode(request_headers(path(rng.choice(["Echo", "Block", "Nope"]))))
+        elif kind == DATA and roll < 0.5:
+            payload = grpc_message(rng.randbytes(rng.randrange(64)), rng.choice([0, 0, 1]))
+        else:
+            payload = rng.randbytes(rng.choice([0, 1, 4, 5, 6, 8, 9, 12, rng.randrange(300)]))
+        out += frame(kind, flags, stream_id, payload)
+    return bytes(out)
+
+
+async def test_random_frames_never_hurt_the_server(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    rng = random.Random(int(os.environ.get("FRAME_FUZZ_SEED", "20261127")))
+    for _ in range(int(os.environ.get("FRAME_FUZZ_CONNECTIONS", "150"))):
+        raw = await RawH2.open(served.port)
+        try:
+            raw.write(_random_frames(rng, rng.randrange(1, 25)))
+            # Read whatever comes back until the server closes the connection
+            # or has answered everything before a final PING.
+            raw.send(PING, 0, 0, b"lastping")
+            async with asyncio.timeout(WAIT):
+                while True:
+                    got = await raw.read_frame()
+                    if got is None or (got.kind == PING and got.payload == b"lastping"):
+                        break
+        finally:
+            await raw.close()
+    # Still serving, with no stream left behind and nothing logged as a crash.
+    conn = await RawH2.open(served.port)
+    try:
+        await conn.handshake()
+        conn.request(1, path("Echo"), [b"still here"])
+        response = await conn.response(1)
+        assert response.messages == [b"still here"]
+    finally:
+        await conn.close()
+    crashes = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert crashes == [], [r.getMessage() for r in crashes]

@@ -526,3 +526,16 @@ def test_indexed_field_with_multi_octet_index() -> None:
     assert decoder.decode(encode_integer(131, 7, 0x80)) == [("k000", "v")]
     with pytest.raises(HPACKError):
         decoder.decode(encode_integer(132, 7, 0x80))
+
+
+def test_random_bytes_only_ever_raise_hpack_error() -> None:
+    rng = random.Random(20261127)
+    decoded = 0
+    for _ in range(20_000):
+        decoder = Decoder()
+        try:
+            decoder.decode(rng.randbytes(rng.randrange(1, 40)))
+            decoded += 1
+        except HPACKError:
+            pass
+    assert decoded > 0  # some random blocks are valid, so both paths ran
