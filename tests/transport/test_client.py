@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import hpack
+import hpack as reference_hpack
 import pytest
 from google.protobuf import wrappers_pb2
 
@@ -1138,11 +1139,12 @@ async def test_keepalive_fails_calls_on_a_peer_that_stops_answering() -> None:
         await listener.wait_closed()
 
 
-class _GoawayOnFirstHeaders(asyncio.Protocol):
-    """An HTTP/2 peer that answers the first request with GOAWAY(COMPRESSION_ERROR)
-    and then leaves the connection open, saying nothing more."""
+class _AnswerFirstRequest(asyncio.Protocol):
+    """An HTTP/2 peer that sends its (empty) SETTINGS, answers the first
+    request's HEADERS with ``reply`` (raw frames), and then says nothing more."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply: bytes) -> None:
+        self.reply = reply
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.sent = False
@@ -1158,64 +1160,43 @@ class _GoawayOnFirstHeaders(asyncio.Protocol):
         if not self.sent and any(kind == HEADERS_FRAME for kind, _, _ in frames):
             self.sent = True
             assert self.transport is not None
-            payload = struct.pack(">II", 1, 9) + b"header too large"
-            self.transport.write(struct.pack(">IBI", len(payload) << 8 | 7, 0, 0) + payload)
+            self.transport.write(self.reply)
+
+
+async def failure_of_a_call_answered_with(reply: bytes) -> grpc.aio.AioRpcError:
+    """The error of a unary call to an `_AnswerFirstRequest` peer."""
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(lambda: _AnswerFirstRequest(reply), "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    channel = insecure_channel(f"127.0.0.1:{port}")
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await within(channel.unary_unary(method("Echo"))(b"x"))
+        return failure.value
+    finally:
+        await channel.close()
+        listener.close()
+        await listener.wait_closed()
 
 
 async def test_a_goaway_with_an_error_ends_the_calls_at_once() -> None:
-    loop = asyncio.get_running_loop()
-    listener = await loop.create_server(_GoawayOnFirstHeaders, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    channel = insecure_channel(f"127.0.0.1:{port}")
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as failure:
-            await within(channel.unary_unary(method("Echo"))(b"x"))
-        assert failure.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "GOAWAY 9: header too large" in (failure.value.details() or "")
-    finally:
-        await channel.close()
-        listener.close()
-        await listener.wait_closed()
-
-
-class _HugeResponseHeaders(asyncio.Protocol):
-    """Answers the first request with initial metadata that decodes to ~80 KB
-    from a ~4 KB block (one large value referenced twenty times)."""
-
-    def __init__(self) -> None:
-        self.buffer = bytearray()
-        self.transport: asyncio.Transport | None = None
-        self.sent = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        transport.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS frame
-
-    def data_received(self, data: bytes) -> None:
-        import hpack as reference
-
-        self.buffer += data
-        frames = client_frames(bytes(self.buffer))
-        if not self.sent and any(kind == HEADERS_FRAME for kind, _, _ in frames):
-            self.sent = True
-            assert self.transport is not None
-            fields = [(":status", "200"), ("content-type", "application/grpc")]
-            block = reference.Encoder().encode(fields + [("x-big", "v" * 4000)] * 20)
-            self.transport.write(struct.pack(">IBI", len(block) << 8 | 1, 0x4, 1) + block)
+    # GOAWAY(last stream 1, COMPRESSION_ERROR) and an open connection: stream 1
+    # is not refused by the GOAWAY's numbers, yet nothing will ever answer it.
+    payload = struct.pack(">II", 1, 9) + b"header too large"
+    failure = await failure_of_a_call_answered_with(
+        struct.pack(">IBI", len(payload) << 8 | 7, 0, 0) + payload
+    )
+    assert failure.code() == grpc.StatusCode.UNAVAILABLE
+    assert "GOAWAY 9: header too large" in (failure.details() or "")
 
 
 async def test_response_headers_that_decode_too_large_are_resource_exhausted() -> None:
-    loop = asyncio.get_running_loop()
-    listener = await loop.create_server(_HugeResponseHeaders, "127.0.0.1", 0)
-    port = listener.sockets[0].getsockname()[1]
-    channel = insecure_channel(f"127.0.0.1:{port}")
-    try:
-        with pytest.raises(grpc.aio.AioRpcError) as failure:
-            await within(channel.unary_unary(method("Echo"))(b"x"))
-        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "over the limit of 65536" in (failure.value.details() or "")
-    finally:
-        await channel.close()
-        listener.close()
-        await listener.wait_closed()
+    # ~80 KB of initial metadata from a ~4 KB block: one large value indexed
+    # once, then referenced twenty times.
+    fields = [(":status", "200"), ("content-type", "application/grpc")]
+    block = reference_hpack.Encoder().encode(fields + [("x-big", "v" * 4000)] * 20)
+    failure = await failure_of_a_call_answered_with(
+        struct.pack(">IBI", len(block) << 8 | 1, 0x4, 1) + block
+    )
+    assert failure.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "over the limit of 65536" in (failure.details() or "")
