@@ -22,6 +22,7 @@ import grpc
 from h2grpc import connection as h2
 from h2grpc import frames, hpack
 from h2grpc.client_call import ClientCall, Request, UnaryUnaryCall, rpc_error
+from h2grpc.compression import ACCEPT_ENCODING
 
 log = logging.getLogger("h2grpc.client")
 
@@ -166,6 +167,7 @@ class Channel:
                 (":authority", self._authority),
                 ("content-type", "application/grpc"),
                 ("te", "trailers"),
+                ("grpc-accept-encoding", ACCEPT_ENCODING),
                 ("user-agent", _USER_AGENT),
             ]
         )

@@ -152,6 +152,8 @@ class ClientCall:
                     http_status = value
                 elif name == "content-type":
                     content_type = value
+                elif name == "grpc-encoding" and self._stream is not None:
+                    self._stream.encoding = value
             self._wake_initial()
             if http_status != "200":
                 code = _HTTP_STATUS.get(http_status or "", grpc.StatusCode.UNKNOWN)

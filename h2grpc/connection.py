@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from h2grpc import hpack
+from h2grpc.compression import CompressionError, decompress
 from h2grpc.frames import (
     _FRAME,
     _MESSAGE,
@@ -263,17 +264,16 @@ class H2Connection(asyncio.Protocol):
                     f"Received message larger than max ({length} vs. {stream.max_message})",
                 )
                 return
-            if compressed:
-                self._bad_message(
-                    stream,
-                    grpc.StatusCode.UNIMPLEMENTED,
-                    "Received a compressed message; only identity encoding is supported",
-                )
-                return
             if end - pos - 5 < length:
                 break
             message = data[pos + 5 : pos + 5 + length]
             pos += 5 + length
+            if compressed:
+                try:
+                    message = decompress(message, stream.encoding, stream.max_message)
+                except CompressionError as exc:
+                    self._bad_message(stream, exc.code, str(exc))
+                    return
             if handler is not None:
                 handler.on_message(message)
             if stream.discard or stream.id not in self.streams:

@@ -62,6 +62,7 @@ class Stream:
     __slots__ = (
         "buffer",
         "discard",
+        "encoding",
         "handler",
         "id",
         "local_closed",
@@ -85,6 +86,8 @@ class Stream:
         self.remote_closed = False
         self.local_closed = False
         self.max_message = max_message
+        # The peer's grpc-encoding: how its compressed messages are compressed.
+        self.encoding = "identity"
         self.discard = False  # a bad message arrived: ignore the rest
 
 

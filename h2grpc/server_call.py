@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from h2grpc import frames, hpack
+from h2grpc.compression import ACCEPT_ENCODING
 from h2grpc.metadata import (
     MAX_HEADER_LIST_SIZE,
     MetadataPairs,
@@ -28,7 +29,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("h2grpc.server")
 
-_RESPONSE_HEADERS = [(":status", "200"), ("content-type", "application/grpc")]
+_RESPONSE_HEADERS = [
+    (":status", "200"),
+    ("content-type", "application/grpc"),
+    ("grpc-accept-encoding", ACCEPT_ENCODING),
+]
 _RESPONSE_BLOCK = hpack.encode(_RESPONSE_HEADERS)
 _OK_TRAILERS = hpack.encode([("grpc-status", "0")])
 _EOF = grpc.aio.EOF
@@ -97,6 +102,8 @@ class ServerCall:
                 method = value
             elif name == "grpc-timeout":
                 timeout = parse_timeout(value)
+            elif name == "grpc-encoding":
+                self._stream.encoding = value
         self._path = path
         size = header_list_size(headers)
         if size > MAX_HEADER_LIST_SIZE:

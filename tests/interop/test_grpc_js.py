@@ -218,9 +218,11 @@ async def test_js_client_error_status(hosted: Hosted) -> None:
     assert await hosted.client("error") == {
         "code": code_number(grpc.StatusCode.FAILED_PRECONDITION),
         "details": ERROR_DETAILS,
-        # A trailers-only response: grpc-js reports its content-type too (as with grpcio).
+        # A trailers-only response: grpc-js reports its content-type and
+        # grpc-accept-encoding too (as with grpcio, whose server sends both).
         "metadata": {
             "content-type": ["application/grpc"],
+            "grpc-accept-encoding": ["identity, deflate, gzip"],
             "error-text": ["ascii text"],
             "error-data-bin": [ERROR_DATA.hex()],
         },

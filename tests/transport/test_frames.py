@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import os
 import random
 import struct
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -520,7 +522,11 @@ async def test_bad_settings_are_connection_errors(
 async def test_unary_request(conn: RawH2, served: Served) -> None:
     conn.request(1, path("Echo"), [b"hello"], extra=[("x-meta", "v"), ("x-b-bin", "AAH/")])
     response = await conn.response(1)
-    assert response.headers == [(":status", "200"), ("content-type", "application/grpc")]
+    assert response.headers == [
+        (":status", "200"),
+        ("content-type", "application/grpc"),
+        ("grpc-accept-encoding", "identity, deflate, gzip"),
+    ]
     assert response.messages == [b"hello"]
     assert response.trailers == [("grpc-status", "0")]
     assert response.reset is None
@@ -721,6 +727,7 @@ async def test_unknown_method_is_trailers_only(conn: RawH2, served: Served) -> N
     assert response.headers == [
         (":status", "200"),
         ("content-type", "application/grpc"),
+        ("grpc-accept-encoding", "identity, deflate, gzip"),
         ("grpc-status", "12"),
         ("grpc-message", "Method not found!"),
     ]
@@ -1306,3 +1313,43 @@ async def test_random_frames_never_hurt_the_server(
         await conn.close()
     crashes = [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     assert crashes == [], [r.getMessage() for r in crashes]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "compress"),
+    [
+        ("gzip", lambda data: gzip.compress(data)),
+        ("deflate", lambda data: zlib.compress(data)),
+    ],
+)
+async def test_compressed_messages_in_an_announced_encoding_are_inflated(
+    conn: RawH2, served: Served, encoding: str, compress: Any
+) -> None:
+    conn.request(1, path("Echo"), [], extra=[("grpc-encoding", encoding)], end=False)
+    conn.send(DATA, END_STREAM, 1, grpc_message(compress(b"squeezed " * 100), compressed=1))
+    response = await conn.response(1)
+    assert response.status == "0"
+    assert response.messages == [b"squeezed " * 100]  # answered uncompressed
+    assert served.requests == [b"squeezed " * 100]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "body", "code", "words"),
+    [
+        ("snappy", b"whatever", grpc.StatusCode.UNIMPLEMENTED, "identity, deflate, gzip"),
+        ("gzip", b"not gzip at all", grpc.StatusCode.INTERNAL, "does not inflate"),
+        # 8 MiB of zeros in ~8 KB: more than the 4 MiB limit once inflated.
+        ("gzip", gzip.compress(bytes(8 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger"),
+    ],
+)
+async def test_compressed_messages_that_cannot_be_inflated_fail_the_call(
+    conn: RawH2, served: Served, encoding: str, body: bytes, code: grpc.StatusCode, words: str
+) -> None:
+    conn.request(1, path("Echo"), [], extra=[("grpc-encoding", encoding)], end=False)
+    conn.send(DATA, END_STREAM, 1, grpc_message(body, compressed=1))
+    response = await conn.response(1)
+    assert response.status == str(code.value[0])
+    assert words in (response.message or "")
+    assert served.requests == []
+    conn.request(3, path("Echo"), [b"plain"])  # the connection survives
+    assert (await conn.response(3)).messages == [b"plain"]

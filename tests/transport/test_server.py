@@ -104,6 +104,13 @@ async def test_unary_echo_bytes() -> None:
         await no_calls_left(s.server)
 
 
+@pytest.mark.parametrize("compression", [grpc.Compression.Gzip, grpc.Compression.Deflate])
+async def test_a_client_that_compresses_is_understood(compression: grpc.Compression) -> None:
+    async with serve({"Echo": unary(echo)}) as s:
+        request = b"compress me " * 500
+        assert await s.unary("Echo")(request, timeout=WAIT, compression=compression) == request
+
+
 async def test_unary_protobuf_serializers() -> None:
     async def shout(
         request: wrappers_pb2.StringValue, context: grpc.aio.ServicerContext
