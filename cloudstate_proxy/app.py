@@ -30,7 +30,7 @@ from .discovery import Discovered, discover, user_function_channel
 from .entity.manager import EntityManager
 from .frontdoor import FrontDoor
 from .httpjson import HttpJsonServer
-from .journal import Store, open_store
+from .journal import JournalUnavailable, Store, open_store
 from .journal.common import redact_url
 from .readside import EventLogService
 from .registry import ServiceRegistry
@@ -104,7 +104,12 @@ class ProxyApp:
     async def _start(self) -> None:
         config = self.config
         self._store = open_store(config.journal_url)
-        await self._store.start()
+        await start_store(
+            self._store,
+            config.journal_url,
+            config.journal_start_timeout,
+            config.discovery.max_backoff,
+        )
         self._channel = user_function_channel(
             config.user_function,
             config.discovery,
@@ -290,3 +295,33 @@ def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
     finally:
         for sig in installed:
             loop.remove_signal_handler(sig)
+
+
+async def start_store(store: Store, url: str, retry_for: float, max_backoff: float) -> None:
+    """Start ``store``, retrying with backoff for up to ``retry_for`` seconds
+    while its database cannot be reached (one log line per attempt); then
+    raise the last `JournalUnavailable`. A proxy started beside its database
+    (docker compose, a Kubernetes pod) need not win the race."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + retry_for
+    delay, attempt = 0.5, 1
+    while True:
+        try:
+            await store.start()
+            if attempt > 1:
+                log.info("journal %s reachable after %d attempts", redact_url(url), attempt)
+            return
+        except JournalUnavailable as exc:
+            left = give_up - loop.time()
+            if left <= 0:
+                raise
+            pause = min(delay, left)
+            log.warning(
+                "journal %s not reachable (attempt %d), retrying in %.1fs: %s",
+                redact_url(url),
+                attempt,
+                pause,
+                exc,
+            )
+        await asyncio.sleep(pause)
+        delay, attempt = min(delay * 2, max_backoff), attempt + 1

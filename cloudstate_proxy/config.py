@@ -95,6 +95,11 @@ def _user_port(value: int) -> None:
         raise ValueError(f"must be a port number between 1 and 65535, got {value}")
 
 
+def _non_negative(value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"must be 0 or more, got {value:g}")
+
+
 def _positive(value: float) -> None:
     if not value > 0:
         raise ValueError(f"must be greater than 0, got {value:g}")
@@ -218,6 +223,12 @@ SETTINGS: Mapping[str, Setting] = {
         ("--journal-url",), "JOURNAL_URL", None,
         "event store: postgresql://user:pass@host/db, sqlite:///<path> or memory://",
         check=_journal_url, help_default="sqlite:///<state dir, made absolute>/journal.db",
+    ),
+    "journal_start_timeout": Setting(
+        ("--journal-start-timeout",), "JOURNAL_START_TIMEOUT", "60s",
+        "how long to keep retrying, with backoff, while the journal's database cannot "
+        "be reached at start (0: try once)",
+        _duration, _non_negative, metavar="DURATION",
     ),
     "passivation_timeout": Setting(
         ("--passivation-timeout",), "PASSIVATION_TIMEOUT", "30s",
@@ -493,6 +504,8 @@ class ProxyConfig:
     http_json: HttpJsonConfig = field(default_factory=HttpJsonConfig)
     state_dir: Path = Path(".state")
     journal_url: str = ""
+    # Seconds start-up keeps retrying a journal it cannot reach (0: once).
+    journal_start_timeout: float = 60.0
     log_level: str = "info"
     log_format: str = "text"
 
@@ -504,6 +517,7 @@ class ProxyConfig:
             {
                 "state_dir": "state_dir",
                 "journal_url": "journal_url",
+                "journal_start_timeout": "journal_start_timeout",
                 "log_level": "log_level",
                 "log_format": "log_format",
             },
@@ -623,6 +637,7 @@ def _assemble(v: Mapping[str, Any]) -> ProxyConfig:
         ),
         state_dir=v["state_dir"],
         journal_url=v["journal_url"] or "",
+        journal_start_timeout=v["journal_start_timeout"],
         log_level=v["log_level"],
         log_format=v["log_format"],
     )
