@@ -23,6 +23,7 @@ from h2grpc import connection as h2
 from h2grpc import frames, hpack
 from h2grpc.client_call import ClientCall, Request, UnaryUnaryCall, rpc_error
 from h2grpc.compression import ACCEPT_ENCODING
+from h2grpc.metadata import header_list_size
 
 log = logging.getLogger("h2grpc.client")
 
@@ -157,20 +158,20 @@ class Channel:
     ) -> StreamStreamMultiCallable:
         return StreamStreamMultiCallable(self, method, request_serializer, response_deserializer)
 
-    def prefix(self, method: str) -> bytes:
-        """The request headers every call of ``method`` starts with."""
-        return hpack.encode(
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", method),
-                (":authority", self._authority),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-                ("grpc-accept-encoding", ACCEPT_ENCODING),
-                ("user-agent", _USER_AGENT),
-            ]
-        )
+    def prefix(self, method: str) -> tuple[bytes, int]:
+        """The request headers every call of ``method`` starts with, encoded,
+        and their size as a header list."""
+        fields = [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", method),
+            (":authority", self._authority),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            ("grpc-accept-encoding", ACCEPT_ENCODING),
+            ("user-agent", _USER_AGENT),
+        ]
+        return hpack.encode(fields), header_list_size(fields)
 
     def ready_connection(self) -> ClientConnection | None:
         for conn in reversed(self._connections):
@@ -257,7 +258,7 @@ class _MultiCallable:
     ) -> None:
         self._channel = channel
         self._method = method
-        self._prefix = channel.prefix(method)
+        self._prefix, self._prefix_size = channel.prefix(method)
         self._serializer = serializer
         self._deserializer = deserializer
 
@@ -267,6 +268,7 @@ class _MultiCallable:
         return ClientCall(
             self._channel,
             self._prefix,
+            self._prefix_size,
             self._serializer,
             self._deserializer,
             timeout,

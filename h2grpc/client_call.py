@@ -48,6 +48,7 @@ class ClientCall:
         self,
         channel: Channel,
         prefix: bytes,
+        prefix_size: int,
         serializer: Callable[[Any], bytes] | None,
         deserializer: Callable[[bytes], Any] | None,
         timeout: float | None,
@@ -76,6 +77,7 @@ class ClientCall:
         self._first: bytes | None = None  # a unary request waiting for the stream
         self._timer: asyncio.TimerHandle | None = None
         self._block = b""
+        self._header_size = 0
         block = prefix
         try:
             extra = from_metadata(metadata)
@@ -91,6 +93,16 @@ class ClientCall:
             self._half_closed = True
         if timeout is not None:
             extra.append(("grpc-timeout", format_timeout(timeout)))
+        size = self._header_size = prefix_size + header_list_size(extra)
+        if size > MAX_HEADER_LIST_SIZE:
+            # Sent anyway, it could make the server drop the whole connection.
+            self._end(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request metadata of {size} bytes is over the limit of {MAX_HEADER_LIST_SIZE}",
+                (),
+            )
+            return
+        if timeout is not None:
             self._timer = self._loop.call_later(timeout, self._expire)
         if extra:
             block += hpack.encode(extra)
@@ -102,6 +114,14 @@ class ClientCall:
             self._opening = self._loop.create_task(self._open_later())
 
     def _open(self, conn: ClientConnection) -> None:
+        if self._header_size > conn.peer_max_header_list:
+            self._end(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"request metadata of {self._header_size} bytes is over the server's limit "
+                f"of {conn.peer_max_header_list}",
+                (),
+            )
+            return
         stream_id = conn.next_stream_id
         conn.next_stream_id += 2
         self._conn = conn

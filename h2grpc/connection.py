@@ -86,6 +86,9 @@ class H2Connection(asyncio.Protocol):
         self.peer_initial_window = DEFAULT_WINDOW
         self.peer_max_frame = 16_384
         self.peer_max_streams = 2**31
+        # The largest header list (decoded, RFC 9113's size) we send: the
+        # peer's SETTINGS_MAX_HEADER_LIST_SIZE, and never over our own limit.
+        self.peer_max_header_list = MAX_HEADER_BLOCK
         self.send_window = DEFAULT_WINDOW
         self.recv_unacked = 0
         self.blocked: dict[int, Stream] = {}  # streams with pending frames
@@ -414,6 +417,8 @@ class H2Connection(asyncio.Protocol):
                 # We never send frames above 16 KiB: that is what every peer accepts.
             elif key == S_MAX_CONCURRENT_STREAMS:
                 self.peer_max_streams = value
+            elif key == S_MAX_HEADER_LIST_SIZE:
+                self.peer_max_header_list = min(value, MAX_HEADER_BLOCK)
             elif key == S_ENABLE_PUSH and value > 1:
                 raise ConnectionError_(PROTOCOL_ERROR, "invalid ENABLE_PUSH")
         self.emit(frame(SETTINGS, ACK, 0))

@@ -295,6 +295,7 @@ class ServerCall:
             return
         try:
             fields = status_headers(code, details, trailing)
+            self._check_size(fields, "trailing metadata")
         except ValueError as exc:
             log.warning("%s: bad trailing metadata: %s", self._path, exc)
             fields = status_headers(grpc.StatusCode.INTERNAL, f"bad trailing metadata: {exc}", ())
@@ -303,6 +304,14 @@ class ServerCall:
         else:
             self._headers_sent = True
             self._finish_with(hpack.encode(_RESPONSE_HEADERS + fields))
+
+    def _check_size(self, fields: list[tuple[str, str]], what: str) -> None:
+        """ValueError when ``fields`` are more than the client accepts: sent
+        anyway, they would make it drop the whole connection."""
+        size = header_list_size(fields)
+        limit = self._conn.peer_max_header_list
+        if size > limit:
+            raise ValueError(f"{what} of {size} bytes is over the client's limit of {limit}")
 
     def _finish_with(self, block: bytes) -> None:
         self._finished = True
@@ -356,7 +365,9 @@ class ServerCall:
     async def send_initial_metadata(self, metadata: Iterable[tuple[str, str | bytes]]) -> None:
         if self._headers_sent:
             raise asyncio.InvalidStateError("initial metadata was already sent")
-        block = hpack.encode(_RESPONSE_HEADERS + from_metadata(metadata))  # may raise
+        fields = _RESPONSE_HEADERS + from_metadata(metadata)  # may raise ValueError
+        self._check_size(fields, "initial metadata")
+        block = hpack.encode(fields)
         self._headers_sent = True
         self._conn.send_headers(self._stream, block, False)
 

@@ -1140,11 +1140,12 @@ async def test_keepalive_fails_calls_on_a_peer_that_stops_answering() -> None:
 
 
 class _AnswerFirstRequest(asyncio.Protocol):
-    """An HTTP/2 peer that sends its (empty) SETTINGS, answers the first
+    """An HTTP/2 peer that sends its SETTINGS (``settings``, empty by default), answers the first
     request's HEADERS with ``reply`` (raw frames), and then says nothing more."""
 
-    def __init__(self, reply: bytes) -> None:
+    def __init__(self, reply: bytes, settings: bytes = b"") -> None:
         self.reply = reply
+        self.settings = settings
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
         self.sent = False
@@ -1152,7 +1153,8 @@ class _AnswerFirstRequest(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        transport.write(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")  # an empty SETTINGS frame
+        # Its SETTINGS frame (type 4).
+        transport.write(struct.pack(">IBI", len(self.settings) << 8 | 4, 0, 0) + self.settings)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -1200,3 +1202,49 @@ async def test_response_headers_that_decode_too_large_are_resource_exhausted() -
     )
     assert failure.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "over the limit of 65536" in (failure.details() or "")
+
+
+async def test_request_metadata_over_our_limit_never_leaves() -> None:
+    calls: list[bytes] = []
+
+    async def record(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        calls.append(request)
+        return request
+
+    async with serve({"Echo": unary(record)}) as s:
+        huge = [(f"x-k{i}", "v" * 1000) for i in range(70)]  # ~72 KB of metadata
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await within(s.channel.unary_unary(method("Echo"))(b"x", metadata=huge))
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "over the limit of 65536" in (failure.value.details() or "")
+        assert calls == []
+        assert await within(s.channel.unary_unary(method("Echo"))(b"next")) == b"next"
+
+
+async def test_request_metadata_over_the_servers_limit_never_leaves() -> None:
+    # A server announcing SETTINGS_MAX_HEADER_LIST_SIZE = 4096 (answering
+    # nothing): a call with more metadata fails here and sends no HEADERS.
+    settings = struct.pack(">HI", 6, 4096)
+    peer: list[_AnswerFirstRequest] = []
+
+    def make() -> _AnswerFirstRequest:
+        peer.append(_AnswerFirstRequest(b"", settings=settings))
+        return peer[-1]
+
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(make, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    channel = insecure_channel(f"127.0.0.1:{port}")
+    try:
+        await within(channel.channel_ready())
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await within(
+                channel.unary_unary(method("Echo"))(b"x", metadata=[("x-big", "v" * 6000)])
+            )
+        assert failure.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "over the server's limit of 4096" in (failure.value.details() or "")
+        assert not any(kind == HEADERS_FRAME for kind, _, _ in client_frames(bytes(peer[0].buffer)))
+    finally:
+        await channel.close()
+        listener.close()
+        await listener.wait_closed()

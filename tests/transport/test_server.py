@@ -993,3 +993,28 @@ def test_under_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(scenario(), 60))
+
+
+async def test_metadata_over_the_clients_limit_is_not_sent() -> None:
+    # The client announces 4 KiB; a response carrying more would make it drop
+    # the connection (and every call on it). The call fails instead.
+    async def big_initial(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        await context.send_initial_metadata((("x-big", "v" * 6000),))
+        return b"unreachable"
+
+    async def big_trailing(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        context.set_trailing_metadata((("x-big", "v" * 6000),))
+        return b"answer"
+
+    handlers = {"Initial": unary(big_initial), "Trailing": unary(big_trailing), "Echo": unary(echo)}
+    options = [("grpc.max_metadata_size", 4096), ("grpc.absolute_max_metadata_size", 4096)]
+    async with serve(handlers, channel_options=options) as s:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await s.unary("Initial")(b"", timeout=WAIT)
+        assert failure.value.code() == grpc.StatusCode.UNKNOWN
+        assert "over the client's limit of 4096" in (failure.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await s.unary("Trailing")(b"", timeout=WAIT)
+        assert failure.value.code() == grpc.StatusCode.INTERNAL
+        assert "over the client's limit of 4096" in (failure.value.details() or "")
+        assert await s.unary("Echo")(b"still fine", timeout=WAIT) == b"still fine"
