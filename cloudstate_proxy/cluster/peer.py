@@ -128,6 +128,7 @@ def encode_request(command: EntityCommand, origin: str) -> bytes:
         metadata=_encode_metadata(command.metadata),
         hops=command.hops,
         origin_node=origin,
+        user_forwards=command.user_forwards,
     ).SerializeToString()
 
 
@@ -145,6 +146,7 @@ def decode_request(data: bytes, deadline: float | None) -> tuple[EntityCommand, 
         metadata=decode_metadata(request.metadata),
         deadline=deadline,
         hops=request.hops,
+        user_forwards=request.user_forwards,
     )
     return command, request.origin_node
 

@@ -21,15 +21,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
+from dataclasses import replace
 from typing import Any
 
-from ..errors import Internal, ProxyError, Unavailable
+from ..errors import FailedPrecondition, Internal, ProxyError, Unavailable
 from ..registry import ServiceRegistry
 from .model import CommandReply, EntityCommand, Metadata, Payload, Router
 from .outcome import ForwardAction, SideEffect
 from .pending import PendingCommand
 
 log = logging.getLogger(__name__)
+
+# Forwards in a row (A forwards to B, whose command forwards to C, ...) before
+# the chain fails with FAILED_PRECONDITION: a loop of forwards would otherwise
+# run until the client's deadline, or forever without one.
+MAX_USER_FORWARDS = 32
 
 
 class EffectRunner:
@@ -80,13 +86,20 @@ class EffectRunner:
             pending.succeed(reply)
 
     def _forward_command(self, forward: ForwardAction, pending: PendingCommand) -> EntityCommand:
-        return self.command_for(
+        forwards = pending.command.user_forwards + 1
+        if forwards > MAX_USER_FORWARDS:
+            raise FailedPrecondition(
+                f"{_describe(pending.command)} forwarded to {forward.service}/{forward.method} "
+                f"after {MAX_USER_FORWARDS} forwards in a row: a loop of forwards?"
+            )
+        command = self.command_for(
             forward.service,
             forward.method,
             forward.payload,
             forward.metadata,
             pending.command.deadline,
         )
+        return replace(command, user_forwards=forwards)
 
     async def _run_synchronous(self, effect: SideEffect, skipped: tuple[SideEffect, ...]) -> None:
         try:

@@ -32,6 +32,9 @@ class EntityCommand:
     deadline: float | None = None
     # Forwarding hops taken so far (bounded to stop loops during ring churn).
     hops: int = 0
+    # Commands the user function forwarded, one after the other, to produce
+    # this one (0: a client's); bounded to stop loops of forwards.
+    user_forwards: int = 0
     # Set for a read-only query of the entity's past state (see asof.py). It
     # needs no instance, so any node may run it: a router need not forward it.
     as_of: AsOf | None = None

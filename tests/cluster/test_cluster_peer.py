@@ -48,6 +48,7 @@ COMMAND = EntityCommand(
     Payload("type.googleapis.com/com.example.Add", b"\x0a\x05alice"),
     metadata=(("x-text", "hi"), ("x-data-bin", b"\x00\x01")),
     hops=2,
+    user_forwards=5,
 )
 REPLY = CommandReply(Payload("type.googleapis.com/com.example.Cart", b"\x08\x01"), (("k", "v"),))
 OWNER = Member("owner", "127.0.0.1:1")

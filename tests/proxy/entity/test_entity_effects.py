@@ -6,9 +6,10 @@ import asyncio
 
 import pytest
 
+from cloudstate_proxy.entity.effects import MAX_USER_FORWARDS
 from cloudstate_proxy.entity.manager import EntityManager
 from cloudstate_proxy.entity.model import CommandReply, EntityCommand, Payload
-from cloudstate_proxy.errors import Unimplemented, UserFailure
+from cloudstate_proxy.errors import FailedPrecondition, Unimplemented, UserFailure
 from examples.tck.eventsourced_pb2 import Persisted, Request, Response
 from tests.proxy.entity.helpers import REQUEST_URL, TCK, TCK_PID, TWO, Harness, result, until
 from tests.support.fake_user_function import side_effect, to_any
@@ -187,3 +188,22 @@ async def test_forward_keeps_the_client_deadline(harness: Harness) -> None:
     (forwarded,) = router.routed
     assert forwarded.deadline is not None
     assert forwarded.deadline > asyncio.get_running_loop().time() + 20
+
+
+async def test_a_loop_of_forwards_fails_after_the_limit(harness: Harness) -> None:
+    router = RecordingRouter()
+    manager = router.manager = await harness.manager(router=router)
+    call = harness.call(manager, "e1")
+    stream = await harness.fake.next_stream()
+    await stream.expect_init()
+    await stream.expect_command()
+    # The entity forwards every command to itself: A -> A -> A ...
+    for command_id in range(1, MAX_USER_FORWARDS + 2):
+        stream.forward(command_id, TCK, "Process", Request(id="e1"))
+        if command_id <= MAX_USER_FORWARDS:
+            command = await stream.expect_command()
+            assert command.id == command_id + 1
+    with pytest.raises(FailedPrecondition) as failed:
+        await result(call)
+    assert f"after {MAX_USER_FORWARDS} forwards in a row" in failed.value.message
+    assert [c.user_forwards for c in router.routed] == list(range(1, MAX_USER_FORWARDS + 1))
