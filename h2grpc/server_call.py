@@ -210,7 +210,9 @@ class ServerCall:
             else:
                 behaviour = handler.unary_unary or handler.stream_unary
                 response = behaviour(request, self)
-                if inspect.isawaitable(response):
+                # iscoroutine first: the usual case, and a plain type check
+                # where isawaitable goes through an ABC's instance check.
+                if inspect.iscoroutine(response) or inspect.isawaitable(response):
                     response = await response
                 self._reply(response)
         except grpc.aio.AbortError:
