@@ -32,6 +32,7 @@ from .frontdoor import FrontDoor
 from .httpjson import HttpJsonServer
 from .journal import JournalUnavailable, Store, open_store
 from .journal.common import redact_url
+from .metrics import Gauge, Metrics, MetricsServer
 from .readside import EventLogService
 from .registry import ServiceRegistry
 
@@ -56,6 +57,9 @@ class ProxyApp:
         self._cluster: ClusterNode | None = None
         self._frontdoor: FrontDoor | None = None
         self._http_json: HttpJsonServer | None = None
+        # What the front door observed; served with --metrics-port.
+        self.metrics = Metrics()
+        self._metrics_server: MetricsServer | None = None
         self._event_log: EventLogService | None = None
         self._started = False
         self._closing: asyncio.Task[None] | None = None
@@ -67,6 +71,46 @@ class ProxyApp:
         if self._frontdoor is None:
             raise RuntimeError("the proxy is not serving")
         return self._frontdoor.port
+
+    @property
+    def metrics_port(self) -> int:
+        """The bound metrics port; only with ``--metrics-port``."""
+        if self._metrics_server is None:
+            raise RuntimeError("the proxy does not serve metrics")
+        return self._metrics_server.port
+
+    def _gauges(self) -> list[Gauge]:
+        manager, store = self._manager, self._store
+        assert manager is not None and store is not None
+        gauges = [
+            Gauge(
+                "cloudstate_proxy_live_entities",
+                "Entity instances alive on this node.",
+                lambda: manager.active_count,
+            ),
+            Gauge(
+                "cloudstate_proxy_running_effects",
+                "Forwards and side effects still running.",
+                lambda: manager.running_effects,
+            ),
+        ]
+        committer = getattr(store, "committer", None)
+        if committer is not None:
+            gauges += [
+                Gauge(
+                    "cloudstate_proxy_journal_appends_total",
+                    "Appends (one command's events each) the journal wrote.",
+                    lambda: committer.appends_written,
+                    "counter",
+                ),
+                Gauge(
+                    "cloudstate_proxy_journal_batches_total",
+                    "Transactions the journal wrote them in (group commit).",
+                    lambda: committer.batches_written,
+                    "counter",
+                ),
+            ]
+        return gauges
 
     @property
     def http_json_port(self) -> int:
@@ -146,6 +190,7 @@ class ProxyApp:
             router if router is not None else self._manager,
             config.server,
             services=[self._event_log],
+            metrics=self.metrics,
         )
         http_json = config.http_json_options()
         if http_json is not None:
@@ -157,6 +202,13 @@ class ProxyApp:
             await self._http_json.start()
             log.info("serving HTTP/JSON on %s", self._http_json.address)
         await self._frontdoor.start()
+        if config.metrics_port is not None:
+            self._metrics_server = MetricsServer(
+                self.metrics, config.server.host, config.metrics_port
+            )
+            self.metrics.add_gauges(self._gauges())
+            await self._metrics_server.start()
+            log.info("serving metrics on port %d", self._metrics_server.port)
         log.info(
             "serving %s on %s (user function at %s, journal %s, gRPC on %s)",
             ", ".join(sorted(registry.services)),
@@ -190,6 +242,9 @@ class ProxyApp:
         try:
             if self._cluster is not None:
                 await _step("leave the cluster", self._cluster.leave())
+            if self._metrics_server is not None:
+                self._metrics_server.close()
+                await _step("close the metrics port", self._metrics_server.wait_closed())
             if self._event_log is not None:
                 # Live subscriptions never finish by themselves: end them now
                 # rather than let them hold the front door's drain to its timeout.

@@ -210,6 +210,12 @@ SETTINGS: Mapping[str, Setting] = {
         "POST /<service>/<method> for methods without one); 0 picks a free port",
         _integer, _port, help_default="disabled", metavar="PORT",
     ),
+    "metrics_port": Setting(
+        ("--metrics-port",), "METRICS_PORT", None,
+        "port serving Prometheus metrics at GET /metrics (on the --host address); "
+        "0 picks a free port",
+        _integer, _port, help_default="disabled", metavar="PORT",
+    ),
     "http_json_host": Setting(
         ("--http-json-host",), "HTTP_JSON_HOST", None,
         "address the HTTP/JSON port binds to", help_default="the --host address",
@@ -504,6 +510,8 @@ class ProxyConfig:
     http_json: HttpJsonConfig = field(default_factory=HttpJsonConfig)
     state_dir: Path = Path(".state")
     journal_url: str = ""
+    # Port of the Prometheus metrics endpoint; None: not served.
+    metrics_port: int | None = None
     # Seconds start-up keeps retrying a journal it cannot reach (0: once).
     journal_start_timeout: float = 60.0
     log_level: str = "info"
@@ -520,6 +528,7 @@ class ProxyConfig:
                 "journal_start_timeout": "journal_start_timeout",
                 "log_level": "log_level",
                 "log_format": "log_format",
+                **({"metrics_port": "metrics_port"} if self.metrics_port is not None else {}),
             },
         )
         if self.membership_mode == "postgres":
@@ -638,6 +647,7 @@ def _assemble(v: Mapping[str, Any]) -> ProxyConfig:
         state_dir=v["state_dir"],
         journal_url=v["journal_url"] or "",
         journal_start_timeout=v["journal_start_timeout"],
+        metrics_port=v["metrics_port"],
         log_level=v["log_level"],
         log_format=v["log_format"],
     )

@@ -19,6 +19,7 @@ import asyncio
 import functools
 import logging
 import re
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from typing import Any, NoReturn, Protocol
@@ -35,6 +36,7 @@ from .config import ServerConfig
 from .entity.asof import split_as_of
 from .entity.model import CommandReply, EntityCommand, Metadata, Payload, Router
 from .errors import DeadlineExceeded, Internal, ProxyError, Unimplemented
+from .metrics import Metrics
 from .registry import MethodInfo, ServiceRegistry, build_pool
 
 log = logging.getLogger(__name__)
@@ -90,6 +92,7 @@ class FrontDoor:
         router: Router,
         config: ServerConfig,
         services: Sequence[ProxyService] = (),
+        metrics: Metrics | None = None,
     ) -> None:
         self._registry = registry
         self._config = config
@@ -108,7 +111,7 @@ class FrontDoor:
         for service in self._services:
             service.add_to_server(self._server)
         # Last: the catch-all handler only sees paths no other handler claimed.
-        self._server.add_generic_rpc_handlers([_EntityServices(registry, router)])
+        self._server.add_generic_rpc_handlers([_EntityServices(registry, router, metrics)])
 
     @property
     def port(self) -> int:
@@ -200,9 +203,12 @@ class _EntityServices(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is 
     """Serves every path not claimed by health or reflection: the registry's
     methods, and a clear UNIMPLEMENTED for anything else."""
 
-    def __init__(self, registry: ServiceRegistry, router: Router) -> None:
+    def __init__(
+        self, registry: ServiceRegistry, router: Router, metrics: Metrics | None = None
+    ) -> None:
         self._registry = registry
         self._router = router
+        self._metrics = metrics
         # Built once: the lookup runs for every call.
         self._handlers = {
             f"/{service.name}/{info.name}": grpc.unary_unary_rpc_method_handler(
@@ -237,10 +243,19 @@ class _EntityServices(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpc is 
     async def _unary(
         self, info: MethodInfo, request: bytes, context: grpc.aio.ServicerContext
     ) -> bytes:
+        started = time.perf_counter()
+        status = "CANCELLED"  # unless it ends otherwise (the client went away, a deadline)
         try:
-            return await self._call(info, request, context)
+            reply = await self._call(info, request, context)
+            status = "OK"
+            return reply
         except Exception as exc:  # every failure becomes a status, none crashes the server
             failure = exc
+            status = status_of(exc)[0].name
+        finally:
+            if self._metrics is not None:
+                elapsed = time.perf_counter() - started
+                self._metrics.command_finished(info.service, info.name, status, elapsed)
         await _abort(context, failure, f"{info.service}/{info.name}")
 
     async def _call(

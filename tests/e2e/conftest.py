@@ -34,6 +34,7 @@ class System:
     # The gRPC implementations of the proxy and of the user function's SDK.
     proxy_stack: str = "h2grpc"
     user_function_stack: str = "h2grpc"
+    extra_proxy_args: tuple[str, ...] = ()
 
     @property
     def target(self) -> str:
@@ -58,6 +59,7 @@ class System:
                 "5s",
                 "--grpc-stack",
                 self.proxy_stack,
+                *self.extra_proxy_args,
             ],
         )
         await asyncio.to_thread(wait_serving, self.target, 60.0, self.proxy)
