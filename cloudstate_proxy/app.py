@@ -190,7 +190,8 @@ class ProxyApp:
             router if router is not None else self._manager,
             config.server,
             services=[self._event_log],
-            metrics=self.metrics,
+            # Counted only when served: nothing added to the command path otherwise.
+            metrics=self.metrics if config.metrics_port is not None else None,
         )
         http_json = config.http_json_options()
         if http_json is not None:

@@ -23,12 +23,11 @@ from h2grpc import connection as h2
 from h2grpc import frames, hpack
 from h2grpc.client_call import ClientCall, Request, UnaryUnaryCall, rpc_error
 from h2grpc.compression import ACCEPT_ENCODING
-from h2grpc.metadata import header_list_size
+from h2grpc.metadata import header_list_size, message_limit
 
 log = logging.getLogger("h2grpc.client")
 
 _USER_AGENT = "h2grpc-python/0.1"
-_DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 # Seconds a new connection may take to send its SETTINGS (a peer that is not
 # an HTTP/2 server never does).
 _SETTINGS_TIMEOUT = 10.0
@@ -120,8 +119,8 @@ class Channel:
         settings = dict(options or ())
         self._host, self._port = _split_target(target)
         self._authority = target.removeprefix("dns:///").removeprefix("ipv4:")
-        self.max_receive = _limit(settings.get("grpc.max_receive_message_length"))
-        self.max_send = _limit(settings.get("grpc.max_send_message_length"))
+        self.max_receive = message_limit(settings.get("grpc.max_receive_message_length"))
+        self.max_send = message_limit(settings.get("grpc.max_send_message_length"))
         # Seconds between keepalive PINGs while calls run (0: none), and how
         # long one may go unanswered.
         self.keepalive_time = int(settings.get("grpc.keepalive_time_ms", 0)) / 1000
@@ -296,13 +295,6 @@ class StreamStreamMultiCallable(_MultiCallable):
         self, *, timeout: float | None = None, metadata: Any = None, **_: Any
     ) -> ClientCall:
         return self._call(timeout, metadata)
-
-
-def _limit(value: object) -> int:
-    if value is None:
-        return _DEFAULT_MAX_MESSAGE
-    limit = int(value)  # type: ignore[call-overload]
-    return limit if limit >= 0 else 2**31 - 1
 
 
 def _split_target(target: str) -> tuple[str, int]:

@@ -257,15 +257,11 @@ class ClientCall:
 
     def _wake(self) -> None:
         waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        frames.wake_all(waiters)
 
     def _wake_initial(self) -> None:
         waiters, self._initial_waiters = self._initial_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        frames.wake_all(waiters)
 
     async def _wait(self) -> None:
         """Until the next message or the end of the call."""

@@ -17,7 +17,6 @@ import asyncio
 import logging
 import socket
 import struct
-from typing import Any
 
 import grpc
 
@@ -41,7 +40,8 @@ from h2grpc.frames import (
     FRAME_SIZE_ERROR,
     GOAWAY,
     HEADERS,
-    MAX_HEADER_BLOCK,
+    MAX_FRAME,
+    MAX_HEADER_LIST_SIZE,
     MAX_WINDOW,
     NO_ERROR,
     PADDED,
@@ -66,6 +66,7 @@ from h2grpc.frames import (
     StreamHandler,
     frame,
     strip_padding,
+    wake_all,
 )
 
 log = logging.getLogger("h2grpc")
@@ -81,14 +82,12 @@ class H2Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.streams: dict[int, Stream] = {}
         self.max_message = max_message
-        self.discard = False  # a bad message arrived: ignore the rest
         self.decoder = hpack.Decoder()
         self.peer_initial_window = DEFAULT_WINDOW
-        self.peer_max_frame = 16_384
         self.peer_max_streams = 2**31
         # The largest header list (decoded, RFC 9113's size) we send: the
         # peer's SETTINGS_MAX_HEADER_LIST_SIZE, and never over our own limit.
-        self.peer_max_header_list = MAX_HEADER_BLOCK
+        self.peer_max_header_list = MAX_HEADER_LIST_SIZE
         self.send_window = DEFAULT_WINDOW
         self.recv_unacked = 0
         self.blocked: dict[int, Stream] = {}  # streams with pending frames
@@ -122,7 +121,7 @@ class H2Connection(asyncio.Protocol):
         settings = [
             (S_ENABLE_PUSH, 0),
             (S_INITIAL_WINDOW_SIZE, STREAM_WINDOW),
-            (S_MAX_HEADER_LIST_SIZE, MAX_HEADER_BLOCK),
+            (S_MAX_HEADER_LIST_SIZE, MAX_HEADER_LIST_SIZE),
             *self.extra_settings(),
         ]
         payload = b"".join(struct.pack(">HI", key, value) for key, value in settings)
@@ -184,7 +183,7 @@ class H2Connection(asyncio.Protocol):
         while end - pos >= 9:
             length_kind, flags, stream_id = unpack(data, pos)
             length = length_kind >> 8
-            if length > 16_384:
+            if length > MAX_FRAME:
                 raise ConnectionError_(FRAME_SIZE_ERROR, f"frame of {length} bytes")
             if end - pos - 9 < length:
                 break
@@ -325,7 +324,7 @@ class H2Connection(asyncio.Protocol):
             raise ConnectionError_(PROTOCOL_ERROR, "unexpected CONTINUATION")
         block = self._continuation[2]
         block += payload
-        if len(block) > MAX_HEADER_BLOCK:
+        if len(block) > MAX_HEADER_LIST_SIZE:
             raise ConnectionError_(ENHANCE_YOUR_CALM, "header block too large")
         if flags & END_HEADERS:
             first_flags = self._continuation[1]
@@ -412,13 +411,13 @@ class H2Connection(asyncio.Protocol):
                 for stream in self.streams.values():
                     stream.send_window += delta
             elif key == S_MAX_FRAME_SIZE:
-                if not 16_384 <= value <= 16_777_215:
+                if not MAX_FRAME <= value <= 16_777_215:
                     raise ConnectionError_(PROTOCOL_ERROR, "invalid max frame size")
                 # We never send frames above 16 KiB: that is what every peer accepts.
             elif key == S_MAX_CONCURRENT_STREAMS:
                 self.peer_max_streams = value
             elif key == S_MAX_HEADER_LIST_SIZE:
-                self.peer_max_header_list = min(value, MAX_HEADER_BLOCK)
+                self.peer_max_header_list = min(value, MAX_HEADER_LIST_SIZE)
             elif key == S_ENABLE_PUSH and value > 1:
                 raise ConnectionError_(PROTOCOL_ERROR, "invalid ENABLE_PUSH")
         self.emit(frame(SETTINGS, ACK, 0))
@@ -481,10 +480,10 @@ class H2Connection(asyncio.Protocol):
 
     def _emit_headers(self, stream: Stream, block: bytes, end_stream: bool) -> None:
         flags = END_STREAM if end_stream else 0
-        if len(block) <= 16_384:
+        if len(block) <= MAX_FRAME:
             self.emit(frame(HEADERS, flags | END_HEADERS, stream.id, block))
         else:
-            chunks = [block[i : i + 16_384] for i in range(0, len(block), 16_384)]
+            chunks = [block[i : i + MAX_FRAME] for i in range(0, len(block), MAX_FRAME)]
             self.emit(frame(HEADERS, flags, stream.id, chunks[0]))
             for chunk in chunks[1:-1]:
                 self.emit(frame(CONTINUATION, 0, stream.id, chunk))
@@ -497,7 +496,7 @@ class H2Connection(asyncio.Protocol):
         size = len(data)
         if (
             not stream.pending
-            and size <= 16_384
+            and size <= MAX_FRAME
             and size <= stream.send_window
             and size <= self.send_window
         ):
@@ -528,7 +527,7 @@ class H2Connection(asyncio.Protocol):
                 pending.popleft()
                 self._emit_headers(stream, data, end_stream)
                 continue
-            allowed = min(stream.send_window, self.send_window, 16_384)
+            allowed = min(stream.send_window, self.send_window, MAX_FRAME)
             if allowed <= 0 and data:
                 self.blocked[stream.id] = stream
                 return
@@ -545,9 +544,7 @@ class H2Connection(asyncio.Protocol):
                 pending[0] = (kind, rest, end_stream)
         self.blocked.pop(stream.id, None)
         waiters, stream.waiters = stream.waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        wake_all(waiters)
 
     def _unblock_all(self) -> None:
         for stream in list(self.blocked.values()):
@@ -569,9 +566,7 @@ class H2Connection(asyncio.Protocol):
 
     def _wake_drain(self) -> None:
         waiters, self._drain_waiters = self._drain_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        wake_all(waiters)
 
     # -- stream and connection ends ------------------------------------------------
 
@@ -596,9 +591,7 @@ class H2Connection(asyncio.Protocol):
         self.blocked.pop(stream.id, None)
         stream.pending.clear()
         waiters, stream.waiters = stream.waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        wake_all(waiters)
 
     def _drop(self, stream: Stream, code: int | None, reason: str) -> None:
         handler = stream.handler
@@ -630,6 +623,3 @@ class H2Connection(asyncio.Protocol):
     @property
     def peer(self) -> str:
         return self._peername
-
-    def extra(self, name: str) -> Any:
-        return self.transport.get_extra_info(name) if self.transport else None

@@ -29,7 +29,12 @@ MAX_WINDOW = 2**31 - 1
 # What we let the peer send before it must wait for our WINDOW_UPDATE.
 STREAM_WINDOW = 1 << 20
 CONNECTION_WINDOW = 1 << 24
-MAX_HEADER_BLOCK = 1 << 16
+# Frames we send, and the largest we accept (no peer may assume more).
+MAX_FRAME = 16_384
+# The most a header list may decode to (RFC 9113's size: name + value + 32
+# per field), as announced in SETTINGS_MAX_HEADER_LIST_SIZE; also the most a
+# header block (HEADERS and its CONTINUATIONs) may take before decoding.
+MAX_HEADER_LIST_SIZE = 1 << 16
 
 _FRAME = struct.Struct(">IBI")  # (length << 8 | type, flags, stream id)
 _U32 = struct.Struct(">I")
@@ -89,6 +94,13 @@ class Stream:
         # The peer's grpc-encoding: how its compressed messages are compressed.
         self.encoding = "identity"
         self.discard = False  # a bad message arrived: ignore the rest
+
+
+def wake_all(waiters: list[asyncio.Future[None]]) -> None:
+    """Resolve every waiter not yet done (a cancelled one is left as it is)."""
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(None)
 
 
 def frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes:

@@ -8,6 +8,11 @@ from urllib.parse import quote, unquote
 
 import grpc
 
+# Re-exported: the limit `header_list_size` is checked against (HPACK lets a
+# small block reference large table entries many times over, so the decoded
+# size is checked too, not only the block's).
+from h2grpc.frames import MAX_HEADER_LIST_SIZE as MAX_HEADER_LIST_SIZE
+
 MetadataPairs = tuple[tuple[str, str | bytes], ...]
 
 # Headers that belong to the transport, never to the application's metadata.
@@ -26,13 +31,6 @@ RESERVED = frozenset(
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
 _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
-
-
-# The most a header list may decode to (RFC 9113's size: name + value + 32
-# per field), as announced in SETTINGS_MAX_HEADER_LIST_SIZE. HPACK lets a
-# small block reference large table entries many times over, so the decoded
-# size is checked, not only the block's.
-MAX_HEADER_LIST_SIZE = 1 << 16
 
 
 def header_list_size(headers: Iterable[tuple[str, str]]) -> int:
@@ -76,6 +74,18 @@ def _b64decode(value: str) -> bytes:
         return base64.b64decode(value + "=" * (-len(value) % 4))
     except ValueError:
         return value.encode("latin-1")
+
+
+DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
+
+
+def message_limit(option: object) -> int:
+    """A ``grpc.max_*_message_length`` option's value in bytes (None: the
+    default 4 MiB, negative: unlimited)."""
+    if option is None:
+        return DEFAULT_MAX_MESSAGE
+    limit = int(option)  # type: ignore[call-overload]
+    return limit if limit >= 0 else 2**31 - 1
 
 
 def parse_timeout(value: str) -> float | None:

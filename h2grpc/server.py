@@ -26,14 +26,10 @@ import grpc
 
 from h2grpc import connection as h2
 from h2grpc import frames
-from h2grpc.metadata import (
-    MetadataPairs,
-)
+from h2grpc.metadata import MetadataPairs, message_limit
 from h2grpc.server_call import ServerCall
 
 log = logging.getLogger("h2grpc.server")
-
-DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024
 
 
 class HandlerCallDetails(grpc.HandlerCallDetails):  # type: ignore[misc]
@@ -51,8 +47,8 @@ class Server(grpc.aio.Server):  # type: ignore[misc]  # grpc is untyped
 
     def __init__(self, options: Sequence[tuple[str, Any]] | None = None) -> None:
         settings = dict(options or ())
-        self._max_receive = _limit(settings.get("grpc.max_receive_message_length"))
-        self._max_send = _limit(settings.get("grpc.max_send_message_length"))
+        self._max_receive = message_limit(settings.get("grpc.max_receive_message_length"))
+        self._max_send = message_limit(settings.get("grpc.max_send_message_length"))
         self._max_streams = int(settings.get("grpc.max_concurrent_streams", 0)) or 100_000
         self._generic: list[grpc.GenericRpcHandler] = []
         self._registered: dict[str, grpc.RpcMethodHandler] = {}
@@ -205,13 +201,6 @@ class ServerConnection(h2.H2Connection):
             )
             return
         ServerCall(self, stream_id, headers, end_stream)
-
-
-def _limit(value: object) -> int:
-    if value is None:
-        return DEFAULT_MAX_MESSAGE
-    limit = int(value)  # type: ignore[call-overload]
-    return limit if limit >= 0 else 2**31 - 1
 
 
 def _split_address(address: str) -> tuple[str, int]:

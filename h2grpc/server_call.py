@@ -95,7 +95,9 @@ class ServerCall:
         self._server.calls.add(self)
         path = method = ""
         timeout = None
+        size = 0  # of the header list, as RFC 9113 counts it
         for name, value in headers:
+            size += 32 + len(name) + len(value)
             if name == ":path":
                 path = value
             elif name == ":method":
@@ -105,7 +107,6 @@ class ServerCall:
             elif name == "grpc-encoding":
                 self._stream.encoding = value
         self._path = path
-        size = header_list_size(headers)
         if size > MAX_HEADER_LIST_SIZE:
             self._metadata: MetadataPairs = ()
             log.warning("%s from %s: %d bytes of headers", path, conn.peer, size)
@@ -182,9 +183,7 @@ class ServerCall:
 
     def on_bad_message(self, code: grpc.StatusCode, reason: str) -> None:
         log.warning("%s from %s: %s", self._path, self._conn.peer, reason)
-        self._finish(code, reason, ())
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self.abandon(code, reason)
 
     # -- running the handler ------------------------------------------------------
 
@@ -280,12 +279,10 @@ class ServerCall:
     def _expire(self) -> None:
         self._timer = None
         if not self._finished:
-            self._finish(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", ())
-            if self._task is not None and not self._task.done():
-                self._task.cancel()
+            self.abandon(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
     def abandon(self, code: grpc.StatusCode, details: str) -> None:
-        """The server is stopping: end the call and cancel its handler."""
+        """End the call now (deadline, bad message, server stopping) and cancel its handler."""
         self._finish(code, details, ())
         if self._task is not None and not self._task.done():
             self._task.cancel()

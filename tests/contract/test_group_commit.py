@@ -169,3 +169,31 @@ async def test_a_backlogged_writer_lets_a_small_batch_grow(backend: ScriptedBack
 
 async def _written(backend: ScriptedBackend, batches: list[list[str]]) -> None:
     assert backend.batches == batches
+
+
+async def test_two_writers_keep_a_second_batch_in_flight(backend: ScriptedBackend) -> None:
+    committer = GroupCommitter(
+        backend.write_batch, name="test", max_batch_size=2, close_timeout=1.0, writers=2
+    )
+    committer.start()
+    try:
+        backend.hold.clear()  # no batch finishes until released
+        appends = [
+            asyncio.ensure_future(committer.submit("p", f"e{i}", 0, EVENT)) for i in range(6)
+        ]
+
+        async def two_in_flight() -> None:
+            assert len(backend.batches) == 2
+
+        await eventually(two_in_flight)
+        assert [len(b) for b in backend.batches] == [2, 2]  # neither waited for the other
+        backend.hold.set()
+        await asyncio.gather(*appends)
+        assert sorted(e for b in backend.batches for e in b) == [f"e{i}" for i in range(6)]
+    finally:
+        await committer.close()
+
+
+def test_writers_must_be_at_least_one(backend: ScriptedBackend) -> None:
+    with pytest.raises(ValueError, match="writers"):
+        GroupCommitter(backend.write_batch, name="test", writers=0)

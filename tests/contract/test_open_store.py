@@ -30,11 +30,12 @@ def test_sqlite_urls_absolute_and_relative() -> None:
 def test_postgres_urls_take_store_options_from_the_query(scheme: str) -> None:
     store = open_store(
         f"{scheme}://u:pw@db:5433/app?min_pool_size=1&max_pool_size=20"
-        "&command_timeout=2.5&sslmode=disable"
+        "&command_timeout=2.5&event_writers=1&sslmode=disable"
     )
     assert isinstance(store, PostgresStore)
     assert (store.options.min_pool_size, store.options.max_pool_size) == (1, 20)
     assert store.options.command_timeout == 2.5
+    assert store.options.event_writers == 1
 
 
 @pytest.mark.parametrize(
@@ -42,6 +43,7 @@ def test_postgres_urls_take_store_options_from_the_query(scheme: str) -> None:
     [
         "postgresql://u:pw@db/app?max_pool_size=lots",
         "postgresql://u:pw@db/app?min_pool_size=5&max_pool_size=2",
+        "postgresql://u:pw@db/app?event_writers=0",
     ],
 )
 def test_bad_postgres_options_are_rejected(url: str) -> None:

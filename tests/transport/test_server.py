@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
+from h2grpc.client import insecure_channel
 from h2grpc.server import Server
 from tests.support import eventually
 
@@ -1018,3 +1020,25 @@ async def test_metadata_over_the_clients_limit_is_not_sent() -> None:
         assert failure.value.code() == grpc.StatusCode.INTERNAL
         assert "over the client's limit of 4096" in (failure.value.details() or "")
         assert await s.unary("Echo")(b"still fine", timeout=WAIT) == b"still fine"
+
+
+async def test_finished_calls_leave_no_cyclic_garbage() -> None:
+    # Calls and their streams must be freed by reference counting: thousands
+    # of cycles per second would make every collection a long pause.
+    async with serve({"Echo": unary(echo)}) as s:
+        channel = insecure_channel(f"127.0.0.1:{s.port}")
+        try:
+            call = channel.unary_unary(f"/{SERVICE}/Echo")
+            assert await call(b"warm", timeout=WAIT) == b"warm"  # connections, caches
+            gc.collect()
+            gc.disable()
+            try:
+                for i in range(50):
+                    assert await call(b"%d" % i, timeout=WAIT) == b"%d" % i
+                await no_calls_left(s.server)
+                unreachable = gc.collect()
+            finally:
+                gc.enable()
+            assert unreachable < 50, f"{unreachable} objects in cycles after 50 calls"
+        finally:
+            await channel.close()

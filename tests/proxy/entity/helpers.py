@@ -70,6 +70,7 @@ class HookedStore:
         self.fail_next_append: Exception | None = None
         self.before_append: Callable[[str, str], Awaitable[None]] | None = None
         self.fail_snapshots = False
+        self.snapshot_gate: asyncio.Event | None = None
         self.load_gate: asyncio.Event | None = None
 
     async def start(self) -> None:
@@ -133,6 +134,8 @@ class HookedStore:
     ) -> None:
         if self.fail_snapshots:
             raise JournalUnavailable("snapshot store broken")
+        if self.snapshot_gate is not None:
+            await self.snapshot_gate.wait()
         await self.inner.save_snapshot(persistence_id, entity_id, seq_nr, snapshot)
         self.log.append(("snapshot", entity_id, seq_nr))
 

@@ -7,12 +7,14 @@ proxy sends and the journal's contents at each step.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import grpc
 import pytest
 
 from cloudstate_proxy.entity.instance import Phase
 from cloudstate_proxy.entity.model import CommandReply, Payload
+from cloudstate_proxy.entity.stream import EntityStream
 from cloudstate_proxy.errors import EntityFailed, Unavailable, UserFailure
 from cloudstate_proxy.journal.base import EventData
 from examples.tck.eventsourced_pb2 import Persisted, Response
@@ -365,3 +367,36 @@ async def test_unreachable_user_function_is_unavailable(harness: Harness) -> Non
         await until(lambda: manager.active_count == 0)
     finally:
         await channel.close()
+
+
+async def test_the_reply_does_not_wait_for_the_snapshot_but_the_next_command_does(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[int] = []  # command ids, as the proxy writes them to the stream
+    original = EntityStream.send_command
+
+    async def spy(self: EntityStream, entity_id: str, command_id: int, *rest: Any) -> None:
+        sent.append(command_id)
+        await original(self, entity_id, command_id, *rest)
+
+    monkeypatch.setattr(EntityStream, "send_command", spy)
+    gate = harness.store.snapshot_gate = asyncio.Event()
+    manager = await harness.manager()
+    first = harness.call(manager, "e1")
+    stream = await harness.fake.next_stream()
+    await stream.expect_init()
+    await stream.expect_command()
+    stream.reply(1, Response(message="one"), events=[Persisted(value="a")], snapshot=Persisted())
+    # Answered once its events are stored, with the snapshot still being written.
+    assert (await result(first)).payload.value == Response(message="one").SerializeToString()
+    assert harness.store.log == [("append", "e1", [1])]
+    second = harness.call(manager, "e1")
+    for _ in range(50):  # plenty of loop turns for the command to reach the stream: it must not
+        await asyncio.sleep(0)
+    assert sent == [1]
+    gate.set()
+    assert (await stream.expect_command()).id == 2
+    assert sent == [1, 2]
+    assert harness.store.log == [("append", "e1", [1]), ("snapshot", "e1", 1)]
+    stream.reply(2, Response())
+    await result(second)
